@@ -1,0 +1,48 @@
+# The two set-up commands: `make run` and `make test`. Both create .venv when missing.
+# GPU users pick another PyTorch build, e.g.
+#   make run TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+RUN_DIR ?= runs/default
+RUN_ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: run test install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# PyTorch first, then pinned through a constraints file so that no dependency swaps it for
+# another (multi-GB) build.
+$(VENV)/.torch: $(BIN)/python
+	$(PIP) install -q $(TORCH_INDEX) "$(TORCH)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -c $(VENV)/constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Default experiment: VPP on the 3x3 coordination game (VPP App. G.1). Writes curves
+# (metrics.csv, curve.png), a checkpoint, summary.json and an episode GIF into $(RUN_DIR).
+run: $(VENV)/.installed
+	$(BIN)/vimarl train vpp grid_coordination out=$(RUN_DIR) $(RUN_ARGS)
+	$(BIN)/vimarl eval $(RUN_DIR) --episodes 100 --gif $(RUN_DIR)/episode.gif
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

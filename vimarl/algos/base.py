@@ -1,0 +1,137 @@
+"""The Algorithm contract, capability flags and the algorithm registry.
+
+An algorithm is a torch Module that owns its networks, target networks and optimisers
+(all saved by `state_dict`), picks actions with `act` and takes one gradient step with
+`update`. The trainer knows nothing else about it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vimarl.buffer import Transition
+from vimarl.envs.base import GroupSpec
+from vimarl.envs.graph import Graph
+from vimarl.errors import VimarlError, unknown
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an algorithm can handle; `make_algo` checks an environment against these."""
+
+    discrete: bool
+    continuous: bool
+    needs_state: bool = False
+    """Needs the environment's global state (centralised critics)."""
+    needs_graph: bool = False
+    """Needs each group's agent graph."""
+    heterogeneous: bool = False
+    """Can control several learned groups at once."""
+
+    def describe(self) -> str:
+        actions = "/".join(k for k in ("discrete", "continuous") if getattr(self, k))
+        extra = [k for k in ("needs_state", "needs_graph", "heterogeneous") if getattr(self, k)]
+        return ", ".join([actions, *extra])
+
+
+class Algorithm(nn.Module, ABC):
+    """Base class of every algorithm (see DESIGN §4)."""
+
+    Config: ClassVar[type]
+    """Dataclass of hyperparameters; each field has a docstring and the paper's default."""
+    capabilities: ClassVar[Capabilities]
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: Any,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        self.groups, self.state_dim, self.config = groups, state_dim, config
+        self.device = torch.device(device)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    @abstractmethod
+    def act(self, obs: dict[str, Tensor], graph: dict[str, Graph | None], *, explore: bool,
+            action_mask: dict[str, Tensor | None] | None = None,
+            state: Tensor | None = None) -> dict[str, Tensor]:
+        """Actions by group: sampled when `explore`, else the deterministic (most probable) ones."""
+
+    @abstractmethod
+    def update(self, batch: Transition) -> dict[str, Tensor]:
+        """One gradient step on a batch; returns detached scalar metrics (no host sync)."""
+
+    # Optimiser states ride along in state_dict() through torch's extra-state hook.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[name])
+
+    @classmethod
+    def check_env(cls, env_name: str, groups: dict[str, GroupSpec], state_dim: int) -> None:
+        """Raise a one-line VimarlError when the environment needs what this algorithm lacks."""
+        caps = cls.capabilities
+        for group, spec in groups.items():
+            kind = "discrete" if spec.discrete else "continuous"
+            if not getattr(caps, kind):
+                other = "continuous" if spec.discrete else "discrete"
+                raise VimarlError(
+                    f"algorithm '{cls.name}' cannot handle {kind} actions (group '{group}' of env "
+                    f"'{env_name}'); pick an algorithm with {kind} support (see `vimarl list`) or "
+                    f"a {other}-action variant of the env")
+            if caps.needs_graph and spec.graph_k is None:
+                raise VimarlError(f"algorithm '{cls.name}' needs an agent graph but env '{env_name}' "
+                                  f"gives none for group '{group}'; enable the env's graph option")
+        if caps.needs_state and not state_dim:
+            raise VimarlError(f"algorithm '{cls.name}' needs a global state but env '{env_name}' "
+                              f"provides none; pick an env with a state or another algorithm")
+        if len(groups) > 1 and not caps.heterogeneous:
+            raise VimarlError(f"algorithm '{cls.name}' controls one agent group but env '{env_name}' "
+                              f"has {sorted(groups)}; pick an algorithm that supports heterogeneous groups")
+
+
+@contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Let gradients flow through `modules` to their inputs without computing their own."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, tau)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(name: str, description: str, capabilities: Capabilities):
+    """Class decorator adding an algorithm to the registry under `name`."""
+    def decorate(cls: type[Algorithm]) -> type[Algorithm]:
+        cls.name, cls.description, cls.capabilities = name, description, capabilities
+        ALGORITHMS[name] = cls
+        return cls
+    return decorate
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    if name not in ALGORITHMS:
+        raise unknown("algorithm", name, ALGORITHMS)
+    return ALGORITHMS[name]

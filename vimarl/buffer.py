@@ -1,0 +1,155 @@
+"""Replay storage: one preallocated tensor per field on the training device, ring overwrite.
+
+The buffer itself is a table of named fields (`ReplayBuffer`); `TransitionCodec` maps a
+(TimeStep, actions, next TimeStep) triple of any set of agent groups to rows of that table and
+back to a `Transition`, graphs included, so algorithms see the structure they were written for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vimarl.envs.base import GroupSpec, TimeStep
+from vimarl.envs.graph import Graph
+
+
+class ReplayBuffer:
+    """A ring buffer of `capacity` rows; each field has a fixed per-row shape and dtype."""
+
+    def __init__(self, capacity: int, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: str | torch.device = "cpu", seed: int = 0):
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        self.data = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+                     for name, (shape, dtype) in fields.items()}
+        self.position = 0  # next row to write
+        self.size = 0
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, rows: dict[str, Tensor]) -> None:
+        """Append rows (every field [R, ...]); the oldest rows are overwritten when full."""
+        count = next(iter(rows.values())).shape[0]
+        if count > self.capacity:  # only the newest `capacity` rows can survive
+            rows = {name: value[-self.capacity:] for name, value in rows.items()}
+            count = self.capacity
+        index = (self.position + torch.arange(count, device=self.device)) % self.capacity
+        for name, storage in self.data.items():
+            storage[index] = rows[name].to(storage.dtype)
+        self.position = (self.position + count) % self.capacity
+        self.size = min(self.size + count, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        """Rows drawn uniformly with replacement from what is stored."""
+        index = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
+        return {name: storage[index] for name, storage in self.data.items()}
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    def state_dict(self, include_data: bool = True) -> dict[str, Any]:
+        state: dict[str, Any] = {"position": self.position, "size": self.size,
+                                 "generator": self.generator.get_state()}
+        if include_data:
+            state["data"] = {name: t[: self.size].cpu() for name, t in self.data.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if "data" not in state:  # restored without contents: start empty
+            self.position = self.size = 0
+            return
+        self.position, self.size = state["position"], state["size"]
+        for name, stored in state["data"].items():
+            self.data[name][: self.size] = stored.to(self.device)
+
+
+@dataclass
+class Transition:
+    """A batch of transitions; dicts are keyed by group, tensors have the batch axis first."""
+
+    obs: dict[str, Tensor]
+    graph: dict[str, Graph | None]
+    action_mask: dict[str, Tensor | None]
+    state: Tensor | None
+    action: dict[str, Tensor]
+    reward: dict[str, Tensor]
+    next_obs: dict[str, Tensor]
+    next_graph: dict[str, Graph | None]
+    next_action_mask: dict[str, Tensor | None]
+    next_state: Tensor | None
+    terminated: Tensor
+    """[b] float32, 1.0 where s' is terminal (no bootstrapping)."""
+
+
+class TransitionCodec:
+    """Flattens transitions of the given groups into buffer rows and back."""
+
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int):
+        self.groups = groups
+        self.state_dim = state_dim
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"terminated": ((), torch.bool)}
+        if self.state_dim:
+            fields["state"] = fields["next_state"] = ((self.state_dim,), torch.float32)
+        for name, spec in self.groups.items():
+            n = spec.n_agents
+            if spec.discrete:
+                fields[f"{name}/action"] = ((n,), torch.int64)
+            else:
+                fields[f"{name}/action"] = ((n, spec.action_space.dim), torch.float32)
+            fields[f"{name}/reward"] = ((n,), torch.float32)
+            for prefix in ("", "next_"):
+                fields[f"{name}/{prefix}obs"] = ((n, spec.obs_dim), torch.float32)
+                if spec.graph_k is not None:
+                    # int32 halves the storage of large graphs; indices are < 2**31.
+                    fields[f"{name}/{prefix}neighbors"] = ((n, spec.graph_k), torch.int32)
+                    fields[f"{name}/{prefix}mask"] = ((n, spec.graph_k), torch.bool)
+                if spec.has_action_mask:
+                    fields[f"{name}/{prefix}action_mask"] = ((n, spec.action_space.n), torch.bool)
+        return fields
+
+    def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep) -> dict[str, Tensor]:
+        """Rows for one env step of B sub-environments; s' is the pre-reset final step."""
+        final = next_step.final_view()
+        rows: dict[str, Tensor] = {"terminated": next_step.terminated}
+        if self.state_dim:
+            rows["state"], rows["next_state"] = step.state, final.state
+        for name, spec in self.groups.items():
+            rows[f"{name}/action"] = action[name]
+            rows[f"{name}/reward"] = next_step.groups[name].reward
+            for prefix, source in (("", step), ("next_", final)):
+                group = source.groups[name]
+                rows[f"{name}/{prefix}obs"] = group.obs
+                if spec.graph_k is not None:
+                    rows[f"{name}/{prefix}neighbors"] = group.graph.neighbors
+                    rows[f"{name}/{prefix}mask"] = group.graph.mask
+                if spec.has_action_mask:
+                    rows[f"{name}/{prefix}action_mask"] = group.action_mask
+        return rows
+
+    def decode(self, rows: dict[str, Tensor]) -> Transition:
+        def graph(name: str, prefix: str) -> Graph | None:
+            if self.groups[name].graph_k is None:
+                return None
+            return Graph(rows[f"{name}/{prefix}neighbors"].long(), rows[f"{name}/{prefix}mask"])
+
+        def per_group(key: str) -> dict[str, Tensor | None]:
+            return {name: rows.get(f"{name}/{key}") for name in self.groups}
+
+        return Transition(
+            obs=per_group("obs"), graph={n: graph(n, "") for n in self.groups},
+            action_mask=per_group("action_mask"), state=rows.get("state"),
+            action=per_group("action"), reward=per_group("reward"),
+            next_obs=per_group("next_obs"), next_graph={n: graph(n, "next_") for n in self.groups},
+            next_action_mask=per_group("next_action_mask"), next_state=rows.get("next_state"),
+            terminated=rows["terminated"].float(),
+        )

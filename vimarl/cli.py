@@ -1,0 +1,138 @@
+"""The `vimarl` command: train | eval | list | plot. Errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vimarl.errors import VimarlError
+
+USAGE_TRAIN = "vimarl train ALGO ENV [key=value ...] | vimarl train --resume RUN_DIR [key=value ...]"
+
+
+def _train(args: argparse.Namespace) -> None:
+    from vimarl.train import train_from_cli
+
+    positional = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if args.resume:
+        if positional:
+            raise VimarlError(f"--resume reads the algorithm and env from the run; drop {positional}")
+        algo = env = None
+    elif len(positional) != 2:
+        raise VimarlError(f"train needs ALGO and ENV before the overrides: {USAGE_TRAIN}")
+    else:
+        algo, env = positional
+    run_dir = train_from_cli(algo, env, overrides, args.resume, args.preset)
+    print(f"run written to {run_dir}", file=sys.stderr)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from vimarl.envs.registry import make_env
+    from vimarl.train import EVAL_SEED_OFFSET, evaluate, load_trained
+    from vimarl.video import write_gif
+
+    if args.episodes < 1:
+        raise VimarlError(f"--episodes must be at least 1, got {args.episodes}")
+    run, algo, content = load_trained(args.run_dir, args.device)
+    seed = run.train.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    env = make_env(run.env, args.episodes, seed, args.device, config=run.env_config)
+    deterministic = run.train.eval_deterministic if args.sample is None else not args.sample
+    returns = evaluate(algo, env, seed, deterministic)
+    main = next(iter(returns.values())).double()
+    result = {"run": str(args.run_dir), "algo": run.algo, "env": run.env,
+              "env_steps": content["counters"]["env_steps"], "episodes": args.episodes,
+              "deterministic": deterministic,
+              "return_mean": main.mean().item(), "return_std": main.std(unbiased=False).item()}
+    if len(returns) > 1:
+        result["return_by_group"] = {g: r.double().mean().item() for g, r in returns.items()}
+    if args.gif:
+        frames: list = []
+        evaluate(algo, make_env(run.env, 1, seed, args.device, config=run.env_config), seed,
+                 deterministic, frames)
+        result["gif"] = str(write_gif(frames, Path(args.gif), fps=args.fps))
+    print(json.dumps(result))
+
+
+def _list(args: argparse.Namespace) -> None:
+    from vimarl.algos import ALGORITHMS
+    from vimarl.envs.registry import ENVIRONMENTS
+
+    print("algorithms:")
+    for name, cls in sorted(ALGORITHMS.items()):
+        print(f"  {name:<18} [{cls.capabilities.describe()}] {cls.description}")
+    print("environments:")
+    for name, entry in sorted(ENVIRONMENTS.items()):
+        needs = f" (needs vimarl[{entry.requires}])" if entry.requires else ""
+        print(f"  {name:<18} {entry.description}{needs}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from vimarl.plots import plot_runs
+
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise VimarlError(f"{run_dir} is not a directory; pass OUT directories of vimarl train runs")
+    out = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.metric, args.x, args.title)
+    print(f"plot written to {out}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other vimarl error
+        raise VimarlError(f"{message} (see vimarl {self.prog.split()[-1]} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vimarl", description="Cooperative MARL as probabilistic inference.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train an algorithm on an environment", usage=USAGE_TRAIN,
+                                description="Overrides: algo.<field>=v, env.<field>=v, and trainer "
+                                            "fields (total_steps, num_envs, seed, out, device, ...).")
+    train.add_argument("items", nargs="*", help="ALGO ENV, then key=value overrides")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    train.add_argument("--preset", metavar="FILE", help="a YAML file with train/algo/env sections")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained run deterministically")
+    evaluate.add_argument("run_dir", help="a run directory or a checkpoint file")
+    evaluate.add_argument("--episodes", type=int, default=100)
+    evaluate.add_argument("--seed", type=int, default=None, help="default: the run's evaluation seed")
+    evaluate.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                          help="sample actions (--sample) or take the most probable (--no-sample); "
+                               "default: the run's eval_deterministic setting")
+    evaluate.add_argument("--gif", metavar="FILE", help="also record one episode as a GIF")
+    evaluate.add_argument("--fps", type=int, default=4)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(handler=_eval)
+
+    listing = commands.add_parser("list", help="algorithms and environments with their capabilities")
+    listing.set_defaults(handler=_list)
+
+    plot = commands.add_parser("plot", help="mean and std over runs against env steps")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("--out", required=True)
+    plot.add_argument("--metric", default="eval_return_mean")
+    plot.add_argument("--x", default="env_steps", help="env_steps, agent_steps or wall_s")
+    plot.add_argument("--title", default=None)
+    plot.set_defaults(handler=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.handler(args)
+    except VimarlError as error:
+        print(f"vimarl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vimarl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

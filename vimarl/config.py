@@ -1,0 +1,301 @@
+"""Configuration: dataclasses with a docstring per field, YAML presets, dotted overrides.
+
+A run is resolved from, in increasing priority: the dataclass defaults (the papers' values),
+``configs/envs/<env>.yaml`` (budgets that suit the environment), ``configs/presets/<algo>-<env>.yaml``
+(tuned values for that pair, when present), a ``preset=FILE`` given by the user, and the
+``key=value`` overrides. A preset file has up to three sections: ``train``, ``algo``, ``env``.
+Overrides are ``algo.<field>=v``, ``env.<field>=v`` and trainer fields without a prefix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vimarl.errors import VimarlError, did_you_mean
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """The trainer's own settings (the same for every algorithm)."""
+
+    total_steps: int = 3000
+    """Environment steps to train for, summed over the parallel sub-environments."""
+    num_envs: int = 8
+    """Sub-environments stepped together (B)."""
+    seed: int = 0
+    """Seeds the networks, the environments (training and, shifted, evaluation) and the buffer."""
+    out: str = ""
+    """Run directory; empty means runs/<algo>-<env>-s<seed>."""
+    device: str = "cpu"
+    """Torch device for environments, networks and the replay buffer (cpu, cuda, cuda:1)."""
+    torch_threads: int = 1
+    """CPU threads for torch; one is fastest for small models on small machines."""
+    warmup_steps: int = 1000
+    """Environment steps of uniformly random actions before the policy acts and updates start."""
+    update_every: int = 1
+    """Environment steps between updates (the update-to-data ratio does not depend on num_envs)."""
+    gradient_steps: int = 1
+    """Gradient steps per update."""
+    batch_size: int = 1024
+    """Transitions per gradient step."""
+    buffer_size: int = 1_000_000
+    """Replay capacity in transitions (one transition = one step of one sub-environment)."""
+    eval_every: int = 1000
+    """Environment steps between deterministic evaluations."""
+    eval_episodes: int = 10
+    """Episodes per evaluation, run in parallel on separately seeded environments."""
+    eval_deterministic: bool = True
+    """Evaluate the most probable actions; false samples them (for games where agents with
+    identical inputs agree trivially under argmax, such as grid_coordination)."""
+    checkpoint_every: int = 0
+    """Environment steps between checkpoints; 0 writes one at the end only."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in OUT/checkpoints (the newest ones)."""
+    save_buffer: bool = False
+    """Store the replay buffer in checkpoints; needed for a resume to match an uninterrupted run."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to metrics.csv."""
+    progress: bool = True
+    """Show a progress bar with the latest evaluation return and the ETA."""
+
+
+# -- field documentation ---------------------------------------------------------------------
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field, by field name (inherited ones too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+# -- values from strings and YAML ------------------------------------------------------------
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` (a string from the command line, or a YAML value) as type `hint`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key)
+            except VimarlError as error:
+                errors.append(str(error))
+        raise VimarlError(errors[0] if errors else f"{key} cannot be {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        for choice in choices:
+            if value == choice or str(value) == str(choice):
+                return choice
+        raise VimarlError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if origin in (tuple, list):
+        items = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        args = typing.get_args(hint)
+        item_hint = args[0] if args else Any
+        return origin(coerce(item, item_hint, f"{key}[{i}]") for i, item in enumerate(items))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            number = float(str(value).replace("_", ""))
+            if number.is_integer():
+                return int(number)
+        except ValueError:
+            pass
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))
+        except ValueError:
+            pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is Any:
+        return value
+    raise VimarlError(f"{key} expects {_type_name(hint)}, got {value!r}; "
+                      f"write e.g. {key}={_example(hint)}")
+
+
+def _example(hint: Any) -> str:
+    return {bool: "true", int: "100", float: "0.01", str: "name"}.get(hint, "...")
+
+
+def build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """An instance of dataclass `cls` from `values`, checking every key and type.
+
+    `where` prefixes error messages with where the values came from (e.g. 'algo' for vpp).
+    """
+    if not isinstance(values, dict):
+        raise VimarlError(f"{where} settings must be a mapping of field: value, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise VimarlError(f"unknown key '{where}.{key}'{did_you_mean(key, fields)}; "
+                              f"valid keys: {', '.join(fields)}")
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        raise VimarlError(f"invalid {where} settings: {error}") from None
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A dataclass as plain YAML-friendly values (tuples become lists)."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# -- presets and overrides -------------------------------------------------------------------
+SECTIONS = ("train", "algo", "env")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A preset file's sections; a clear error for a missing, malformed or mis-shaped file."""
+    try:
+        content = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise VimarlError(f"cannot read preset {path}: {error.strerror}; check the path") from None
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise VimarlError(f"preset {path} is not valid YAML{where}; fix the file") from None
+    if not isinstance(content, dict) or set(content) - set(SECTIONS):
+        extra = sorted(set(content) - set(SECTIONS)) if isinstance(content, dict) else content
+        raise VimarlError(f"preset {path} must contain only the sections {', '.join(SECTIONS)}; "
+                          f"found {extra}")
+    return content
+
+
+def merge(base: dict[str, dict], update: dict[str, dict]) -> dict[str, dict]:
+    merged = {section: dict(base.get(section) or {}) for section in SECTIONS}
+    for section in SECTIONS:
+        merged[section].update(update.get(section) or {})
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """`['algo.lr=0.001', 'seed=3']` -> {'algo': {'lr': '0.001'}, 'env': {}, 'train': {'seed': '3'}}."""
+    parsed: dict[str, dict[str, str]] = {section: {} for section in SECTIONS}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VimarlError(f"override '{item}' must look like key=value (e.g. algo.lr=0.001)")
+        section, dot, field = key.partition(".")
+        if dot and section in ("algo", "env"):
+            parsed[section][field] = value
+        elif dot:
+            raise VimarlError(f"override '{key}' has an unknown prefix '{section}'"
+                              f"{did_you_mean(section, ('algo', 'env'))}; use algo.<field>, "
+                              f"env.<field> or a trainer field without a prefix")
+        else:
+            parsed["train"][key] = value
+    return parsed
+
+
+def preset_layers(algo: str, env: str) -> list[Path]:
+    """The preset files that apply to (algo, env), lowest priority first."""
+    candidates = [CONFIG_DIR / "envs" / f"{env}.yaml", CONFIG_DIR / "presets" / f"{algo}-{env}.yaml"]
+    return [path for path in candidates if path.exists()]
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: written to OUT/config.yaml and read back by --resume."""
+
+    algo: str
+    env: str
+    train: TrainConfig
+    algo_config: Any
+    env_config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algo": self.algo, "env": self.env, "train": as_dict(self.train),
+                "algo_config": as_dict(self.algo_config), "env_config": as_dict(self.env_config)}
+
+
+def resolve(algo: str, env: str, overrides: dict[str, dict[str, Any]] | None = None,
+            preset: str | Path | None = None) -> RunConfig:
+    """Build a validated RunConfig from presets and overrides (see the module docstring)."""
+    from vimarl.algos import get_algorithm
+    from vimarl.envs.registry import get_env
+
+    algo_cls = get_algorithm(algo)
+    env_cls = get_env(env).load()
+    values: dict[str, dict] = {section: {} for section in SECTIONS}
+    for path in preset_layers(algo, env):
+        values = merge(values, load_yaml(path))
+    if preset:
+        values = merge(values, load_yaml(Path(preset)))
+    values = merge(values, overrides or {})
+    return RunConfig(algo=algo, env=env,
+                     train=build(TrainConfig, values["train"], "train"),
+                     algo_config=build(algo_cls.Config, values["algo"], "algo"),
+                     env_config=build(env_cls.Config, values["env"], "env"))
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Read back a RunConfig written by `RunConfig.to_dict` (OUT/config.yaml)."""
+    from vimarl.algos import get_algorithm
+    from vimarl.envs.registry import get_env
+
+    try:
+        algo_cls = get_algorithm(data["algo"])
+        env_cls = get_env(data["env"]).load()
+        return RunConfig(algo=data["algo"], env=data["env"],
+                         train=build(TrainConfig, data["train"], "train"),
+                         algo_config=build(algo_cls.Config, data["algo_config"], "algo"),
+                         env_config=build(env_cls.Config, data["env_config"], "env"))
+    except (KeyError, TypeError) as error:
+        raise VimarlError(f"run config is incomplete (missing {error}); "
+                          f"it must be a config.yaml written by vimarl train") from None

@@ -1,0 +1,1 @@
+"""Coordination games from the papers' appendices."""

@@ -1,0 +1,352 @@
+"""The one trainer: collect -> store -> update -> evaluate -> log -> checkpoint (DESIGN §5).
+
+Steps are environment steps summed over the B sub-environments (one vectorised step = B env
+steps); agent-steps multiply that by the number of agents. Updates happen every `update_every`
+env steps, so the update-to-data ratio does not depend on B. Evaluation is deterministic, on
+separately seeded environments reset to the same seed every time, one episode per sub-environment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from vimarl import checkpoint
+from vimarl.algos import Algorithm, make_algo
+from vimarl.buffer import ReplayBuffer, TransitionCodec
+from vimarl.config import RunConfig, TrainConfig, parse_overrides, resolve, run_config_from_dict
+from vimarl.envs.base import BatchedEnv, TimeStep
+from vimarl.envs.registry import make_env
+from vimarl.errors import VimarlError
+from vimarl.logging import MetricsLog
+
+EVAL_SEED_OFFSET = 1_000_003
+"""Evaluation environments use seed + this, so they never replay training episodes."""
+RESUMABLE_CHANGES = {"total_steps", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
+                     "eval_every", "torch_threads", "device"}
+"""Trainer fields that may change on --resume without breaking exact continuation."""
+
+
+def set_threads(config: TrainConfig) -> None:
+    if torch.get_num_threads() != config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+
+@torch.no_grad()
+def evaluate(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bool = True,
+             frames: list | None = None) -> dict[str, Tensor]:
+    """Returns of one episode per sub-environment, summed over agents and steps.
+
+    Returns {group: [B]} for the algorithm's groups. Appends env.render() frames when given a list.
+    """
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        torch.manual_seed(seed)  # sampled evaluations are reproducible and leave training's RNG alone
+        return _run_episodes(algo, env, seed, deterministic, frames)
+
+
+def _run_episodes(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bool,
+                  frames: list | None) -> dict[str, Tensor]:
+    was_training = algo.training
+    algo.eval()
+    step = env.reset(seed=seed)
+    if frames is not None:
+        frames.append(env.render())
+    finished = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    returns = {g: torch.zeros(env.num_envs, device=env.device) for g in algo.groups}
+    while not bool(finished.all()):
+        step = env.step(act(algo, step, explore=not deterministic))
+        if frames is not None:
+            frames.append(env.render())
+        for g in returns:
+            returns[g] += step.groups[g].reward.sum(-1) * ~finished
+        finished |= step.done
+    algo.train(was_training)
+    return returns
+
+
+def act(algo: Algorithm, step: TimeStep, *, explore: bool) -> dict[str, Tensor]:
+    groups = algo.groups
+    return algo.act({g: step.groups[g].obs for g in groups}, {g: step.groups[g].graph for g in groups},
+                    explore=explore, action_mask={g: step.groups[g].action_mask for g in groups},
+                    state=step.state)
+
+
+class Trainer:
+    """Runs one (algorithm, environment, seed) to `total_steps`; see the module docstring."""
+
+    def __init__(self, run: RunConfig, run_dir: Path):
+        self.run, self.config = run, run.train
+        self.run_dir = Path(run_dir)
+        set_threads(self.config)
+        torch.manual_seed(self.config.seed)
+        device = self.config.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise VimarlError(f"device={device} but this torch build sees no GPU; use device=cpu or "
+                              f"install a CUDA build (make run TORCH=...)")
+        self.env = make_env(run.env, self.config.num_envs, self.config.seed, device, config=run.env_config)
+        self.eval_env = make_env(run.env, self.config.eval_episodes, self.config.seed + EVAL_SEED_OFFSET,
+                                 device, config=run.env_config)
+        self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
+        self.codec = TransitionCodec(self.algo.groups, self.env.state_dim)
+        self.buffer = ReplayBuffer(self.config.buffer_size, self.codec.fields(), device, self.config.seed)
+        self.random_actions = torch.Generator(device=device)
+        self.random_actions.manual_seed(self.config.seed + 1)
+        self.env_steps = self.updates = 0
+        self.wall_s = 0.0
+        self.step = self.env.reset(seed=self.config.seed)
+        self.episode_returns = torch.zeros(self.config.num_envs, device=device)
+        self.finished_returns: list[Tensor] = []
+        self.metric_sums: dict[str, Tensor] = {}
+        self.metric_count = 0
+        self.last_eval: tuple[float, float] | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> Path:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.run.to_dict(), sort_keys=False))
+        log = MetricsLog(self.run_dir / "metrics.csv",
+                         self.run_dir / "tensorboard" if config.tensorboard else None,
+                         purge_step=self.env_steps or None)
+        log.keep_until(self.env_steps)
+        progress = _progress_bar(config, self.env_steps)
+        started = time.perf_counter() - self.wall_s
+        last_row = (self.env_steps, self.wall_s)
+        interrupted = False
+        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            if self.env_steps == 0:
+                last_row = self._evaluate_and_log(log, progress, started, last_row)
+            while self.env_steps < config.total_steps:
+                before = self.env_steps
+                self._collect()
+                self._learn(before)
+                self.wall_s = time.perf_counter() - started
+                if _crossed(before, self.env_steps, config.eval_every) or self.env_steps >= config.total_steps:
+                    last_row = self._evaluate_and_log(log, progress, started, last_row)
+                if config.checkpoint_every and _crossed(before, self.env_steps, config.checkpoint_every):
+                    self.save_checkpoint()
+                progress.update(self.env_steps - before)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            progress.close()
+            log.close()
+        self.wall_s = time.perf_counter() - started
+        self.save_checkpoint()
+        if interrupted:
+            raise VimarlError(f"interrupted at {self.env_steps} env steps; checkpoint saved, continue "
+                              f"with: vimarl train --resume {self.run_dir}")
+        self._finish()
+        return self.run_dir
+
+    def _collect(self) -> None:
+        """One vectorised env step: B transitions into the buffer."""
+        config = self.config
+        if self.env_steps < config.warmup_steps:
+            actions = {g: spec.action_space.sample(
+                (self.env.num_envs, spec.n_agents), self.random_actions, self.env.device,
+                self.step.groups[g].action_mask) for g, spec in self.algo.groups.items()}
+        else:
+            actions = act(self.algo, self.step, explore=True)
+        next_step = self.env.step(actions)
+        self.buffer.add(self.codec.encode(self.step, actions, next_step))
+        team_reward = sum(next_step.groups[g].reward.sum(-1) for g in self.algo.groups)
+        self.episode_returns += team_reward
+        if bool(next_step.done.any()):
+            self.finished_returns.append(self.episode_returns[next_step.done])
+            self.episode_returns = self.episode_returns.masked_fill(next_step.done, 0.0)
+        self.step = next_step
+        self.env_steps += self.env.num_envs
+
+    def _learn(self, before: int) -> None:
+        config = self.config
+        if self.env_steps <= config.warmup_steps or len(self.buffer) == 0:
+            return
+        due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
+        for _ in range(due * config.gradient_steps):
+            metrics = self.algo.update(self.codec.decode(self.buffer.sample(config.batch_size)))
+            for key, value in metrics.items():
+                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+            self.metric_count += 1
+            self.updates += 1
+
+    def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float]):
+        returns = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
+                           self.config.eval_deterministic)
+        main = next(iter(returns.values())).cpu().double()
+        self.wall_s = time.perf_counter() - started
+        steps_since, seconds_since = self.env_steps - last_row[0], self.wall_s - last_row[1]
+        row: dict[str, Any] = {
+            "env_steps": self.env_steps, "agent_steps": self.env_steps * self.env.n_agents,
+            "updates": self.updates, "wall_s": round(self.wall_s, 3),
+            "env_steps_per_s": round(steps_since / seconds_since, 1) if steps_since else math.nan,
+            "eval_return_mean": main.mean().item(), "eval_return_std": main.std(unbiased=False).item(),
+        }
+        if len(returns) > 1:
+            row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
+        finished = torch.cat(self.finished_returns) if self.finished_returns else None
+        row["train_return_mean"] = finished.mean().item() if finished is not None else math.nan
+        row.update({k: (v / self.metric_count).item() for k, v in self.metric_sums.items()})
+        self.finished_returns, self.metric_sums, self.metric_count = [], {}, 0
+        log.append(row)
+        self.last_eval = (row["eval_return_mean"], row["eval_return_std"])
+        progress.set_postfix(eval_return=f"{row['eval_return_mean']:.3g}", refresh=False)
+        return self.env_steps, self.wall_s
+
+    def _finish(self) -> None:
+        from vimarl.plots import plot_runs
+
+        plot_runs([self.run_dir], self.run_dir / "curve.png", title=f"{self.run.algo} on {self.run.env}")
+        mean, std = self.last_eval if self.last_eval else (math.nan, math.nan)
+        summary = {
+            "algo": self.run.algo, "env": self.run.env, "seed": self.config.seed,
+            "env_steps": self.env_steps, "agent_steps": self.env_steps * self.env.n_agents,
+            "updates": self.updates, "wall_s": round(self.wall_s, 3),
+            "env_steps_per_s": round(self.env_steps / self.wall_s, 1) if self.wall_s else math.nan,
+            "eval_return_mean": mean, "eval_return_std": std, "eval_episodes": self.config.eval_episodes,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        directory = self.run_dir / "checkpoints"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = checkpoint.checkpoint_path(directory, self.env_steps)
+        checkpoint.save(path, {
+            "run": self.run.to_dict(),
+            "algo": self.algo.state_dict(),
+            "env": self.env.state_dict(),
+            "step": self.step,
+            "buffer": self.buffer.state_dict(include_data=self.config.save_buffer),
+            "counters": {"env_steps": self.env_steps, "updates": self.updates, "wall_s": self.wall_s},
+            "episode_returns": self.episode_returns,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "random_actions": self.random_actions.get_state()},
+            "last_eval": self.last_eval,
+        })
+        for old in checkpoint.list_checkpoints(directory)[:-self.config.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, content: dict[str, Any]) -> None:
+        device = self.env.device
+        self.algo.load_state_dict(content["algo"])
+        self.env.load_state_dict(content["env"])
+        self.step = _to_device(content["step"], device)
+        self.buffer.load_state_dict(content["buffer"])
+        counters = content["counters"]
+        self.env_steps, self.updates, self.wall_s = counters["env_steps"], counters["updates"], counters["wall_s"]
+        self.episode_returns = content["episode_returns"].to(device)
+        rng = content["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.random_actions.set_state(rng["random_actions"])
+        self.last_eval = content.get("last_eval")
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return every > 0 and after // every > before // every
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _to_device(value, device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if hasattr(value, "__dataclass_fields__"):
+        return type(value)(**{k: _to_device(getattr(value, k), device) for k in value.__dataclass_fields__})
+    return value
+
+
+def _progress_bar(config: TrainConfig, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=config.total_steps, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not config.progress, mininterval=0.5, smoothing=0.05)
+
+
+# -- entry points ------------------------------------------------------------------------------
+def train(algo: str | None = None, env: str | None = None, *, resume: str | Path | None = None,
+          preset: str | Path | None = None, algo_config: dict | None = None,
+          env_config: dict | None = None, **train_overrides: Any) -> Path:
+    """Train `algo` on `env` and return the run directory (what `vimarl train` calls).
+
+    Trainer fields are keyword arguments (total_steps=..., seed=..., out=...); hyperparameters
+    and scenario settings go in `algo_config` / `env_config` dicts. With `resume=RUN_DIR` the run
+    continues from its newest checkpoint; only fields in RESUMABLE_CHANGES may be overridden.
+    """
+    overrides = {"train": train_overrides, "algo": algo_config or {}, "env": env_config or {}}
+    if resume is not None:
+        return _resume(Path(resume), overrides)
+    if algo is None or env is None:
+        raise VimarlError("train needs an algorithm and an environment (e.g. vimarl train vpp "
+                          "grid_coordination), or --resume RUN_DIR")
+    run = resolve(algo, env, overrides, preset)
+    run_dir = Path(run.train.out or f"runs/{algo}-{env}-s{run.train.seed}")
+    if checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        raise VimarlError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or "
+                          f"choose another out=DIR")
+    run.train.out = str(run_dir)
+    return Trainer(run, run_dir).train()
+
+
+def train_from_cli(algo: str | None, env: str | None, items: list[str], resume: str | None,
+                   preset: str | None) -> Path:
+    overrides = parse_overrides(items)
+    return train(algo, env, resume=resume, preset=preset, algo_config=overrides["algo"],
+                 env_config=overrides["env"], **overrides["train"])
+
+
+def _resume(run_dir: Path, overrides: dict[str, dict]) -> Path:
+    changed = set(overrides["algo"]) | set(overrides["env"]) | (set(overrides["train"]) - RESUMABLE_CHANGES)
+    if changed:
+        raise VimarlError(f"cannot change {sorted(changed)} when resuming (it would not continue the "
+                          f"same run); allowed: {', '.join(sorted(RESUMABLE_CHANGES))}")
+    path = checkpoint.latest(run_dir)
+    content = checkpoint.load(path)
+    saved = content["run"]
+    saved["train"] = {**saved["train"], **overrides["train"]}
+    run = run_config_from_dict(saved)
+    run_dir = run_dir.parent.parent if run_dir.is_file() else run_dir  # OUT/checkpoints/step_*.pt
+    run.train.out = str(run_dir)
+    trainer = Trainer(run, run_dir)
+    trainer.load_checkpoint(content)
+    return trainer.train()
+
+
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algorithm, dict[str, Any]]:
+    """(run config, algorithm with trained weights, checkpoint) from a run directory or .pt file."""
+    content = checkpoint.load(checkpoint.latest(Path(path)), map_location=device)
+    run = run_config_from_dict(content["run"])
+    env = make_env(run.env, 1, 0, device, config=run.env_config)
+    algo = make_algo(run.algo, env, config=run.algo_config, device=device)
+    try:
+        algo.load_state_dict(content["algo"])
+    except (RuntimeError, KeyError) as error:
+        raise VimarlError(f"checkpoint of {path} does not fit {run.algo} with its saved config "
+                          f"({str(error).splitlines()[0][:100]}); was it written by another vimarl version?") from None
+    return run, algo, content
+
+
+__all__ = ["Trainer", "evaluate", "load_trained", "train"]
