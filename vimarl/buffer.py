@@ -58,7 +58,8 @@ class ReplayBuffer:
         state: dict[str, Any] = {"position": self.position, "size": self.size,
                                  "generator": self.generator.get_state()}
         if include_data:
-            state["data"] = {name: t[: self.size].cpu() for name, t in self.data.items()}
+            # A copy, not a view: later writes must not change a saved state.
+            state["data"] = {name: t[: self.size].to("cpu", copy=True) for name, t in self.data.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

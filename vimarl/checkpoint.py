@@ -79,6 +79,9 @@ def latest(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return run_dir
+    if not run_dir.exists():
+        raise VimarlError(f"{run_dir} does not exist; pass the OUT directory of a vimarl train run "
+                          f"or a checkpoint file")
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:
         raise VimarlError(f"no checkpoint in {run_dir}/checkpoints; pass the OUT directory of a "

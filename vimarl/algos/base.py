@@ -7,6 +7,7 @@ An algorithm is a torch Module that owns its networks, target networks and optim
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,8 +73,10 @@ class Algorithm(nn.Module, ABC):
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        # Optimizer.load_state_dict keeps the given tensors when dtype and device match; a copy
+        # stops two algorithms loaded from one state dict from sharing Adam moments.
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state[name])
+            optimizer.load_state_dict(copy.deepcopy(state[name]))
 
     @classmethod
     def check_env(cls, env_name: str, groups: dict[str, GroupSpec], state_dim: int) -> None:

@@ -169,7 +169,11 @@ class BatchedEnv(ABC):
 
     @abstractmethod
     def _observe(self) -> tuple[dict[str, GroupStep], Tensor | None]:
-        """Observations (rewards left zero), graphs, masks by group, and the global state."""
+        """Observations (rewards left zero), graphs, masks by group, and the global state.
+
+        Return new tensors, not views of simulation state that `_reset_envs` changes in place:
+        `step` keeps the pre-reset observation as info["final_obs"].
+        """
 
     def render(self) -> np.ndarray:
         """An RGB image (H, W, 3) uint8 of sub-environment 0."""
@@ -247,4 +251,5 @@ class BatchedEnv(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
         for name in ("episode_index", "episode_step", *self.state_fields):
-            setattr(self, name, state[name].to(self.device))
+            # A copy: steps update these tensors in place, which must not write into `state`.
+            setattr(self, name, state[name].to(self.device, copy=True))

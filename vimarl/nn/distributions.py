@@ -56,7 +56,9 @@ class Categorical:
         soft = torch.softmax((self.log_probs + gumbel) / self.temperature, dim=-1)
         action = soft.argmax(-1)
         hard = F.one_hot(action, soft.shape[-1]).to(soft.dtype)
-        one_hot = hard + soft - soft.detach()
+        # soft - soft.detach() is exactly 0 forward, so the value is exactly `hard`; as
+        # (hard + soft) - soft it would be off by an ulp where soft is not a power of two.
+        one_hot = hard + (soft - soft.detach())
         log_prob = self.log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         return PolicySample(action, one_hot, log_prob, -self.entropy())
 

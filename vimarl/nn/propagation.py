@@ -49,7 +49,8 @@ class MeanFieldPropagation(nn.Module):
         super().__init__()
         self.rounds = rounds
         self.encoder = nn.Linear(obs_dim, embed_dim)
-        self.states = StatePropagation(obs_dim, state_dim, rounds)
+        # Round m reads s^{m-1}, so states up to s^{M-1} are all the policy needs.
+        self.states = StatePropagation(obs_dim, state_dim, max(rounds - 1, 0))
         self.state_in = nn.ModuleList(
             nn.Linear(obs_dim if m == 0 else state_dim, embed_dim) for m in range(rounds))
         self.attention = nn.ModuleList(

@@ -1,0 +1,103 @@
+"""The trainer: run outputs, exact resume, checkpoint errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+import vimarl
+from vimarl import checkpoint
+from vimarl.errors import VimarlError
+from vimarl.logging import read_metrics
+
+FAST = dict(total_steps=480, eval_every=160, warmup_steps=64, batch_size=32, eval_episodes=16,
+            progress=False, tensorboard=False)
+
+
+def test_run_writes_config_metrics_curve_checkpoint_and_summary(tmp_path):
+    out = tmp_path / "run"
+    vimarl.train("vpp", "grid_coordination", out=str(out), seed=3, tensorboard=True,
+                 **{k: v for k, v in FAST.items() if k != "tensorboard"})
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["algo"] == "vpp" and config["train"]["seed"] == 3 and config["algo_config"]["alpha"] == 0.2
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["env_steps"] for r in rows] == [0, 160, 320, 480]
+    assert [r["agent_steps"] for r in rows] == [0, 1440, 2880, 4320]  # 9 agents
+    for column in ("eval_return_mean", "eval_return_std", "wall_s", "loss_q", "train_return_mean"):
+        assert column in rows[-1]
+    # updates every 8 env steps after the 64-step warm-up: (480 - 64) / 8
+    assert rows[-1]["updates"] == 52
+    assert (out / "curve.png").stat().st_size > 1000
+    assert list((out / "tensorboard").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["env_steps"] == 480 and summary["eval_return_mean"] == rows[-1]["eval_return_mean"]
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out / "checkpoints")] == [480]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    settings = dict(FAST, total_steps=640, checkpoint_every=320, save_buffer=True, keep_checkpoints=5)
+    vimarl.train("vpp", "grid_coordination", out=str(full), **settings)
+    steps = [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(full / "checkpoints")]
+    assert steps == [320, 640]
+
+    # An interrupted copy: only the mid-run checkpoint, and metrics past it (to be dropped).
+    shutil.copytree(full, resumed)
+    (resumed / "checkpoints" / checkpoint.checkpoint_path(resumed, 640).name).unlink()
+    (resumed / "summary.json").unlink()
+    vimarl.train(resume=resumed)
+
+    final_full = checkpoint.load(checkpoint.latest(full))
+    final_resumed = checkpoint.load(checkpoint.latest(resumed))
+    assert final_resumed["counters"]["env_steps"] == 640
+    assert final_resumed["counters"]["updates"] == final_full["counters"]["updates"]
+    for name, value in final_full["algo"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, final_resumed["algo"][name]), name
+    returns = lambda run: [(r["env_steps"], r["eval_return_mean"]) for r in read_metrics(run / "metrics.csv")]
+    assert returns(full) == returns(resumed)
+
+
+def test_resume_can_extend_the_budget_but_not_change_the_run(tmp_path):
+    out = tmp_path / "run"
+    vimarl.train("isac", "grid_coordination", out=str(out), **dict(FAST, total_steps=160))
+    vimarl.train(resume=out, total_steps=320)
+    assert [r["env_steps"] for r in read_metrics(out / "metrics.csv")] == [0, 160, 320]
+    with pytest.raises(VimarlError, match=r"cannot change \['seed'\] when resuming"):
+        vimarl.train(resume=out, seed=4)
+    with pytest.raises(VimarlError, match="already holds a run; continue it with --resume"):
+        vimarl.train("isac", "grid_coordination", out=str(out), **FAST)
+
+
+def test_corrupt_or_foreign_checkpoints_give_one_line_errors(tmp_path):
+    out = tmp_path / "run"
+    vimarl.train("vpp", "grid_coordination", out=str(out), **dict(FAST, total_steps=160))
+    path = checkpoint.latest(out)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(VimarlError) as error:
+        vimarl.train(resume=out)
+    assert "is corrupt or not a vimarl checkpoint" in str(error.value) and "\n" not in str(error.value)
+    torch.save({"weights": 1}, path)
+    with pytest.raises(VimarlError, match="is not a vimarl checkpoint"):
+        vimarl.train(resume=out)
+    with pytest.raises(VimarlError, match="no checkpoint in"):
+        vimarl.train(resume=tmp_path)
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+    out = tmp_path / "run"
+    vimarl.train("vpp", "grid_coordination", out=str(out), checkpoint_every=80, keep_checkpoints=2,
+                 **dict(FAST, total_steps=400))
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out / "checkpoints")] == [320, 400]
+    assert not list((out / "checkpoints").glob(".*tmp"))
+
+
+def test_same_seed_same_result_and_different_seed_differs(tmp_path):
+    def final_weights(seed, name):
+        out = tmp_path / name
+        vimarl.train("vpp", "grid_coordination", out=str(out), seed=seed, **dict(FAST, total_steps=160))
+        return checkpoint.load(checkpoint.latest(out))["algo"]["policy.head.net.0.weight"]
+    assert torch.equal(final_weights(0, "a"), final_weights(0, "b"))
+    assert not torch.equal(final_weights(0, "c"), final_weights(1, "d"))
