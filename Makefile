@@ -38,6 +38,7 @@ install-dev: $(VENV)/.installed-dev
 # Default experiment: VPP on the 3x3 coordination game (VPP App. G.1). Writes curves
 # (metrics.csv, curve.png), a checkpoint, summary.json and an episode GIF into $(RUN_DIR).
 run: $(VENV)/.installed
+	rm -rf $(RUN_DIR)  # the default experiment starts afresh each time
 	$(BIN)/vimarl train vpp grid_coordination out=$(RUN_DIR) $(RUN_ARGS)
 	$(BIN)/vimarl eval $(RUN_DIR) --episodes 100 --gif $(RUN_DIR)/episode.gif
 

@@ -1,8 +1,10 @@
 """The installed `vimarl` command, end to end."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,23 @@ def test_corrupt_checkpoint_on_eval(trained, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     assert_one_line_error(run("eval", str(broken), ok=False), "is corrupt or not a vimarl checkpoint")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([str(VIMARL), "train", "vpp", "grid_coordination", f"out={out}",
+                                "total_steps=1000000", "eval_every=80", "progress=false", "tensorboard=false"],
+                               stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.csv"
+    for _ in range(600):  # wait (up to a minute) until training has logged past step 0
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "checkpoint saved, continue with: vimarl train --resume" in stderr and "Traceback" not in stderr
+    saved = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert saved
+    run("train", "--resume", str(out), "total_steps=" + str(int(saved[-1].stem.split("_")[1]) + 80))
+    assert (out / "summary.json").exists()

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from vimarl.errors import VimarlError
+from vimarl.errors import TrainingInterrupted, VimarlError
 
 USAGE_TRAIN = "vimarl train ALGO ENV [key=value ...] | vimarl train --resume RUN_DIR [key=value ...]"
 
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.handler(args)
+    except TrainingInterrupted as error:
+        print(f"vimarl: {error}", file=sys.stderr)
+        return 130
     except VimarlError as error:
         print(f"vimarl: error: {error}", file=sys.stderr)
         return 2

@@ -22,3 +22,7 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> VimarlError:
     return VimarlError(
         f"unknown {kind} '{name}'{did_you_mean(name, choices)}; choose one of: {', '.join(choices)}"
     )
+
+
+class TrainingInterrupted(VimarlError):
+    """Training stopped by Ctrl-C or SIGTERM after writing a checkpoint."""

@@ -1,5 +1,10 @@
-"""Learning curves: one run (mean +- std over evaluation episodes) or several runs grouped by
-algorithm and environment (mean +- std over runs, e.g. seeds), against environment steps."""
+"""Learning curves against environment steps: one run (mean +- std over its evaluation
+episodes) or several runs grouped into curves (mean +- std over runs, e.g. seeds).
+
+Runs belong to one curve when their config.yaml files agree on everything but the seed and
+the trainer's bookkeeping (out, progress, ...). Curves are labelled "algo on env", plus the
+settings that tell apart curves with the same algorithm and environment.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,34 @@ from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 
 
-def _label(run_dir: Path) -> str:
+BOOKKEEPING = {"seed", "out", "progress", "tensorboard", "device", "torch_threads",
+               "checkpoint_every", "keep_checkpoints", "save_buffer"}
+
+
+def _settings(run_dir: Path) -> dict[str, object]:
+    """The run's config flattened to 'section.field' -> value, without seed and bookkeeping."""
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
-        return run_dir.name
+        return {"algo": run_dir.name}
     config = yaml.safe_load(config_path.read_text())
-    return f"{config['algo']} on {config['env']}"
+    flat: dict[str, object] = {"algo": config["algo"], "env": config["env"]}
+    for section, prefix in (("train", ""), ("algo_config", "algo."), ("env_config", "env.")):
+        for key, value in config.get(section, {}).items():
+            if key not in BOOKKEEPING:
+                flat[prefix + key] = value if not isinstance(value, list) else tuple(value)
+    return flat
+
+
+def _labels(settings: list[dict[str, object]]) -> list[str]:
+    """A label per distinct settings dict: 'algo on env' and the fields that set it apart."""
+    labels = []
+    for own in settings:
+        base = own["algo"] + (f" on {own['env']}" if "env" in own else "")
+        siblings = [o for o in settings if (o.get("algo"), o.get("env")) == (own.get("algo"), own.get("env"))]
+        differing = sorted({k for o in siblings for k in set(o) | set(own) if o.get(k) != own.get(k)})
+        extra = ", ".join(f"{k}={own.get(k)}" for k in differing)
+        labels.append(f"{base} ({extra})" if extra else base)
+    return labels
 
 
 def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env_steps"):
@@ -27,7 +54,8 @@ def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env
     The spread is the std over runs, or for a single run of eval_return_mean the std over its
     evaluation episodes (eval_return_std).
     """
-    grouped: dict[str, list[dict[float, tuple[float, float]]]] = defaultdict(list)
+    keys: list[dict[str, object]] = []
+    grouped: dict[int, list[dict[float, tuple[float, float]]]] = defaultdict(list)
     for run_dir in map(Path, run_dirs):
         rows = read_metrics(run_dir / "metrics.csv")
         if not rows:
@@ -36,10 +64,15 @@ def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env
             raise VimarlError(f"{run_dir}/metrics.csv has no column '{metric}' or '{x}'; "
                               f"columns: {', '.join(rows[0])}")
         within = "eval_return_std" if metric == "eval_return_mean" else None
-        grouped[_label(run_dir)].append(
+        settings = _settings(run_dir)
+        if settings not in keys:
+            keys.append(settings)
+        grouped[keys.index(settings)].append(
             {row[x]: (row[metric], row.get(within, 0.0) if within else 0.0) for row in rows})
     result = {}
-    for label, runs in grouped.items():
+    labels = _labels(keys)
+    for index, runs in grouped.items():
+        label = labels[index]
         shared = sorted(set.intersection(*(set(run) for run in runs)))
         values = np.array([[run[step][0] for step in shared] for run in runs], dtype=float)
         if len(runs) == 1:
@@ -57,8 +90,10 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for label, (steps, mean, spread, n_runs) in curves(run_dirs, metric, x).items():
+    drawn = curves(run_dirs, metric, x)
+    # Long legends go under the axes so they never hide the curves.
+    figure, axes = plt.subplots(figsize=(6.4, 4.0 + 0.25 * len(drawn) * (len(drawn) > 2)), dpi=120)
+    for label, (steps, mean, spread, n_runs) in drawn.items():
         shown = f"{label} ({n_runs} runs)" if n_runs > 1 else label
         line, = axes.plot(steps, mean, label=shown)
         axes.fill_between(steps, mean - spread, mean + spread, color=line.get_color(), alpha=0.2)
@@ -67,7 +102,10 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
     if title:
         axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if len(drawn) > 2:
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
+    else:
+        axes.legend(fontsize=8)
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from vimarl.buffer import ReplayBuffer, TransitionCodec
 from vimarl.config import RunConfig, TrainConfig, parse_overrides, resolve, run_config_from_dict
 from vimarl.envs.base import BatchedEnv, TimeStep
 from vimarl.envs.registry import make_env
-from vimarl.errors import VimarlError
+from vimarl.errors import TrainingInterrupted, VimarlError
 from vimarl.logging import MetricsLog
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -121,12 +122,11 @@ class Trainer:
         progress = _progress_bar(config, self.env_steps)
         started = time.perf_counter() - self.wall_s
         last_row = (self.env_steps, self.wall_s)
-        interrupted = False
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        stop = _StopRequest()
         try:
             if self.env_steps == 0:
                 last_row = self._evaluate_and_log(log, progress, started, last_row)
-            while self.env_steps < config.total_steps:
+            while self.env_steps < config.total_steps and not stop.requested:
                 before = self.env_steps
                 self._collect()
                 self._learn(before)
@@ -136,17 +136,15 @@ class Trainer:
                 if config.checkpoint_every and _crossed(before, self.env_steps, config.checkpoint_every):
                     self.save_checkpoint()
                 progress.update(self.env_steps - before)
-        except KeyboardInterrupt:
-            interrupted = True
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            stop.restore()
             progress.close()
             log.close()
         self.wall_s = time.perf_counter() - started
         self.save_checkpoint()
-        if interrupted:
-            raise VimarlError(f"interrupted at {self.env_steps} env steps; checkpoint saved, continue "
-                              f"with: vimarl train --resume {self.run_dir}")
+        if stop.requested:
+            raise TrainingInterrupted(f"interrupted at {self.env_steps} env steps; checkpoint saved, "
+                                      f"continue with: vimarl train --resume {self.run_dir}")
         self._finish()
         return self.run_dir
 
@@ -263,8 +261,26 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopRequest:
+    """Turns Ctrl-C / SIGTERM into a request honoured between two loop iterations, so the
+    checkpoint written on the way out is a consistent state that resumes exactly."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers need the main thread
+            self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+    def _request(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _to_device(value, device):
