@@ -187,6 +187,21 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise VimarlError(f"invalid {where} settings: {error}") from None
 
 
+def config_for(owner: type, config: Any, keyword_values: dict[str, Any], where: str, name: str) -> Any:
+    """`owner.Config` built from keyword values, or the given config after a type check.
+
+    `where` is 'algo' or 'env' (the override prefix), `name` the registered name.
+    """
+    if config is None:
+        return build(owner.Config, keyword_values, where)
+    if keyword_values:
+        raise VimarlError(f"pass either config=... or {where} keyword arguments, not both")
+    if not isinstance(config, owner.Config):
+        raise VimarlError(f"config for {where} '{name}' must be a {owner.Config.__qualname__}, got "
+                          f"{type(config).__name__}; build it with {owner.__name__}.Config(...)")
+    return config
+
+
 def as_dict(config: Any) -> dict[str, Any]:
     """A dataclass as plain YAML-friendly values (tuples become lists)."""
     def plain(value):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from vimarl.config import build
+from vimarl.config import config_for
 from vimarl.envs.base import BatchedEnv
 from vimarl.errors import VimarlError, unknown
 
@@ -49,13 +49,7 @@ def make_env(name: str, num_envs: int = 1, seed: int = 0, device: str | torch.de
              config: Any = None, **scenario_kwargs: Any) -> BatchedEnv:
     """B = `num_envs` copies of environment `name`; kwargs are fields of the env's Config."""
     env_cls = get_env(name).load()
-    if config is None:
-        config = build(env_cls.Config, scenario_kwargs, "env")
-    elif scenario_kwargs:
-        raise VimarlError("pass either config=... or scenario keyword arguments to make_env, not both")
-    elif not isinstance(config, env_cls.Config):
-        raise VimarlError(f"config for env '{name}' must be a {env_cls.Config.__qualname__}, "
-                          f"got {type(config).__name__}; build it with {env_cls.__name__}.Config(...)")
+    config = config_for(env_cls, config, scenario_kwargs, "env", name)
     if num_envs < 1:
         raise VimarlError(f"num_envs must be at least 1, got {num_envs}")
     env = env_cls(config, num_envs=num_envs, seed=seed, device=device)
