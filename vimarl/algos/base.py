@@ -68,6 +68,13 @@ class Algorithm(nn.Module, ABC):
     def update(self, batch: Transition) -> dict[str, Tensor]:
         """One gradient step on a batch; returns detached scalar metrics (no host sync)."""
 
+    def optimize(self, name: str, loss: Tensor) -> None:
+        """One step of optimiser `name` on `loss` (gradients cleared first)."""
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     # Optimiser states ride along in state_dict() through torch's extra-state hook.
     def get_extra_state(self) -> dict[str, Any]:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}

@@ -18,6 +18,8 @@ Choices the paper leaves open (SEED_ALGOS.md), exposed or documented here:
 - The graph for s': the one the environment returned with s' (stored in the buffer).
 - Partial observability (Sec. 4.5): critics read s_i^M from their own state propagation.
 - As the paper's Appendix D says, one joint action is sampled per state for J_V and J_pi.
+- Sums over agents i in Eq. 8 are means here (a constant factor N, which Adam absorbs), so the
+  learning rate does not depend on the number of agents.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class VPP(Algorithm):
         stored_action = action_features(batch.action[g], self.action_space)
         q_loss = sum(0.5 * (q(obs, stored_action, graph) - q_target).square().mean()
                      for q in self.critics.q)
-        self._step("q", q_loss)
+        self.optimize("q", q_loss)
 
         # One joint action a ~ prod_i q_i(.|s) from the propagation network, shared by J_V and J_pi.
         sample = self.policy(obs, graph, batch.action_mask[g]).sample()
@@ -152,20 +154,15 @@ class VPP(Algorithm):
 
         # J_pi (Eq. 8): the gradient reaches every agent's action inside each Q_i(s, a_i, a_Ni).
         policy_loss = (entropy_term - q_sampled).mean()
-        self._step("policy", policy_loss)
+        self.optimize("policy", policy_loss)
 
         # J_V (Eq. 8): V_i(s) towards E_q[Q_i - alpha log q_i], then the target V follows.
         value = self.critics.value(obs, graph)
         value_loss = 0.5 * (value - (q_sampled - entropy_term).detach()).square().mean()
-        self._step("value", value_loss)
+        self.optimize("value", value_loss)
         polyak(self.critics.target_value, self.critics.value, config.tau)
 
         return {"loss_q": q_loss.detach(), "loss_policy": policy_loss.detach(),
                 "loss_value": value_loss.detach(), "entropy": -sample.log_prob_mean.mean().detach(),
                 "q_mean": q_sampled.mean().detach()}
 
-    def _step(self, name: str, loss: Tensor) -> None:
-        optimizer = self.optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
