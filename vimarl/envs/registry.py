@@ -21,6 +21,8 @@ class EnvEntry:
     description: str
     requires: str = ""
     """The pip extra that provides the simulator, when the env needs one."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """Config values this name presets (e.g. coop_nav_n30 sets n_agents=30); user values win."""
 
     def load(self) -> type[BatchedEnv]:
         module_name, _, class_name = self.target.partition(":")
@@ -35,8 +37,8 @@ class EnvEntry:
 ENVIRONMENTS: dict[str, EnvEntry] = {}
 
 
-def register_env(name: str, target: str, description: str, requires: str = "") -> None:
-    ENVIRONMENTS[name] = EnvEntry(name, target, description, requires)
+def register_env(name: str, target: str, description: str, requires: str = "", **defaults: Any) -> None:
+    ENVIRONMENTS[name] = EnvEntry(name, target, description, requires, tuple(defaults.items()))
 
 
 def get_env(name: str) -> EnvEntry:
@@ -48,7 +50,10 @@ def get_env(name: str) -> EnvEntry:
 def make_env(name: str, num_envs: int = 1, seed: int = 0, device: str | torch.device = "cpu",
              config: Any = None, **scenario_kwargs: Any) -> BatchedEnv:
     """B = `num_envs` copies of environment `name`; kwargs are fields of the env's Config."""
-    env_cls = get_env(name).load()
+    entry = get_env(name)
+    env_cls = entry.load()
+    if config is None:
+        scenario_kwargs = {**dict(entry.defaults), **scenario_kwargs}
     config = config_for(env_cls, config, scenario_kwargs, "env", name)
     if num_envs < 1:
         raise VimarlError(f"num_envs must be at least 1, got {num_envs}")
@@ -57,6 +62,49 @@ def make_env(name: str, num_envs: int = 1, seed: int = 0, device: str | torch.de
     return env
 
 
+_PARTICLE = "vimarl.envs.particle.scenarios"
+
 register_env("grid_coordination", "vimarl.envs.toy.grid_coordination:GridCoordination",
              "n x n grid game of VPP App. G.1: agents pick 0/1, team reward -sum over grid edges "
              "of (a_i - a_j)^2, one-step episodes")
+
+# Classic MPE tasks (MA-SAC), as in mpe2.
+register_env("spread", f"{_PARTICLE}.spread:Spread",
+             "cooperative navigation as mpe2 simple_spread_v3: N agents cover N landmarks, "
+             "shared coverage reward plus own collisions")
+register_env("spread_n2", f"{_PARTICLE}.spread:Spread", "spread with 2 agents (MAMT 'Spread')", n_agents=2)
+register_env("tag", f"{_PARTICLE}.tag:Tag",
+             "predator-prey as mpe2 simple_tag_v3: slower predators chase faster prey among obstacles")
+register_env("speaker_listener", f"{_PARTICLE}.speaker_listener:SpeakerListener",
+             "cooperative communication as mpe2 simple_speaker_listener_v4")
+register_env("adversary", f"{_PARTICLE}.adversary:Adversary",
+             "physical deception as mpe2 simple_adversary_v3")
+
+# Large-scale PIC scenarios (VPP, IP).
+register_env("coop_nav", f"{_PARTICLE}.coop_nav:CoopNav",
+             "PIC large-scale cooperative navigation: N agents, N landmarks, 26-dim local observations")
+for _n in (3, 6, 15, 30, 100, 200, 1225):
+    register_env(f"coop_nav_n{_n}", f"{_PARTICLE}.coop_nav:CoopNav",
+                 f"coop_nav with {_n} agents", n_agents=_n)
+register_env("hetero_nav", f"{_PARTICLE}.hetero_nav:HeteroNav",
+             "PIC heterogeneous navigation: half big slow, half small fast agents")
+register_env("hetero_nav_n100", f"{_PARTICLE}.hetero_nav:HeteroNav", "hetero_nav with 100 agents", n_agents=100)
+register_env("coop_push", f"{_PARTICLE}.coop_push:CoopPush",
+             "PIC cooperative push: N agents push a large ball to a target")
+register_env("coop_push_n100", f"{_PARTICLE}.coop_push:CoopPush", "coop_push with 100 agents", n_agents=100)
+register_env("prey_predator", f"{_PARTICLE}.prey_predator:PreyPredator",
+             "PIC prey and predator: N predators chase scripted (or learned) prey among large landmarks")
+register_env("prey_predator_n100", f"{_PARTICLE}.prey_predator:PreyPredator",
+             "prey_predator with 100 predators", n_predators=100)
+
+# VM3-AC, MAAC and MAMT tasks.
+register_env("pp_capture", f"{_PARTICLE}.pp_capture:PPCapture",
+             "VM3-AC continuous predator-prey: capture needs C predators at once, prey respawn")
+for _n, _c in ((2, 1), (3, 1), (4, 2)):
+    register_env(f"pp_capture_n{_n}", f"{_PARTICLE}.pp_capture:PPCapture",
+                 f"pp_capture ({_n}, 16, {_c})", n_predators=_n, n_prey=16, capture_threshold=_c)
+register_env("treasure", f"{_PARTICLE}.treasure:Treasure", "MAAC cooperative treasure collection")
+register_env("rover_tower", f"{_PARTICLE}.rover_tower:RoverTower",
+             "MAAC rover-tower: towers see goals and send 5 discrete messages to blind rovers")
+register_env("spread3", f"{_PARTICLE}.spread3:Spread3",
+             "MAMT Spread-3 with coupling sep / mix / ful reward structures (App. F)")

@@ -1,0 +1,193 @@
+"""The shared part of every particle scenario: actions -> physics -> rewards, observations,
+k-nearest-neighbour agent graphs, resets from counter-based randomness, and rendering.
+
+A scenario subclasses ParticleEnv and implements `make_world`, `reset_entities`, `rewards` and
+`observations`; everything else (auto-reset, graphs, global state, checkpoints) is here.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vimarl.envs import rng
+from vimarl.envs.base import BatchedEnv, Box, Discrete, GroupSpec, GroupStep
+from vimarl.envs.graph import DynamicGraph, knn_graph
+from vimarl.envs.particle.world import World, decode_actions
+
+
+@dataclass
+class ParticleConfig:
+    """Settings every particle scenario has."""
+
+    action_mode: Literal["discrete", "continuous"] = "discrete"
+    """discrete: 5 actions (no-op, -x, +x, -y, +y); continuous: a 5-vector in [0, 1] (mpe2 layout)."""
+    episode_length: int = 25
+    """Steps per episode (25 in every MPE experiment of the papers)."""
+    graph_k: int = 0
+    """Neighbours per agent in the kNN agent graph; 0 = the papers' rule (8 if N > 30, else 4)."""
+    graph_every: int = 5
+    """Recompute the kNN graph every this many steps (the papers use 5)."""
+    integration: Literal["mpe2", "mpe"] = "mpe2"
+    """Order of the position and velocity updates: mpe2's, or the original MPE's."""
+
+
+def default_k(n_agents: int) -> int:
+    return 8 if n_agents > 30 else 4
+
+
+@dataclass
+class AgentGroup:
+    """Agents [start, stop) of the world form one group."""
+
+    name: str
+    start: int
+    stop: int
+    obs_dim: int
+    role: Literal["learned", "scripted", "frozen"] = "learned"
+    action_space: Discrete | Box | None = None
+    """Defaults to the movement action space of the config's action_mode."""
+
+    @property
+    def n_agents(self) -> int:
+        return self.stop - self.start
+
+
+class ParticleEnv(BatchedEnv):
+    """Base class of the particle scenarios."""
+
+    state_fields = ("position", "velocity")
+    action_convention: Literal["mpe2", "mpe"] = "mpe2"
+    """How a 5-way action maps to a force direction (see world.ACTION_TO_FORCE)."""
+
+    def __init__(self, config: ParticleConfig, num_envs: int, seed: int = 0, device="cpu"):
+        super().__init__(config, num_envs, seed, device)
+        self.max_steps = config.episode_length
+        self.world = self.make_world()
+        self.agent_groups = self.make_groups()
+        movement = Discrete(5) if config.action_mode == "discrete" else Box(0.0, 1.0, 5)
+        self.groups, self.graphs = {}, {}
+        for group in self.agent_groups:
+            k = min(config.graph_k or default_k(group.n_agents), max(group.n_agents - 1, 1))
+            self.groups[group.name] = GroupSpec(group.n_agents, group.obs_dim, group.action_space or movement,
+                                                role=group.role, graph_k=k)
+            self.graphs[group.name] = DynamicGraph(lambda positions, k=k: knn_graph(positions, k),
+                                                   config.graph_every)
+        self.state_dim = self.world.position.shape[1] * 2 + self.world.n_agents * 2
+
+    # -- what a scenario implements --------------------------------------------------------------
+    @abstractmethod
+    def make_world(self) -> World:
+        """The physical world: agents first, then landmarks and other entities."""
+
+    @abstractmethod
+    def make_groups(self) -> list[AgentGroup]:
+        """The agent groups, as consecutive ranges of the world's agents."""
+
+    @abstractmethod
+    def reset_entities(self, env_ids: Tensor, episode_ids: Tensor) -> Tensor:
+        """Initial positions [len(env_ids), E, 2] of the selected sub-environments."""
+
+    @abstractmethod
+    def rewards(self) -> dict[str, Tensor]:
+        """Rewards [B, N] by group for the current (post-step) state."""
+
+    @abstractmethod
+    def observations(self) -> dict[str, Tensor]:
+        """Observations [B, N, D] by group."""
+
+    def scripted_controls(self, group: AgentGroup) -> Tensor:
+        """Unit controls [B, N, 2] of a scripted group."""
+        raise TypeError(f"scenario {type(self).__name__} has no scripted group")
+
+    # -- the BatchedEnv hooks --------------------------------------------------------------------
+    def _reset_envs(self, env_mask: Tensor) -> None:
+        env_ids = self.env_ids[env_mask]
+        self.world.position[env_mask] = self.reset_entities(env_ids, self.episode_index[env_ids])
+        self.world.velocity[env_mask] = 0.0
+
+    def _step(self, actions: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        controls = [self.scripted_controls(g) if g.role == "scripted"
+                    else self.movement(g, actions[g.name]) for g in self.agent_groups]
+        self.apply_actions(actions)
+        self.world.step(self.world.action_force(torch.cat(controls, dim=1)))
+        terminated = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        return self.rewards(), terminated
+
+    def movement(self, group: AgentGroup, action: Tensor) -> Tensor:
+        """Unit controls [B, N, 2] of a group from its actions (scenarios with extra action
+        parts, e.g. messages, override this and `apply_actions`)."""
+        return decode_actions(action, self.action_convention)
+
+    def apply_actions(self, actions: dict[str, Tensor]) -> None:
+        """Non-physical effects of actions (e.g. messages); none by default."""
+
+    def _observe(self) -> tuple[dict[str, GroupStep], Tensor | None]:
+        observations = self.observations()
+        steps = {}
+        for group in self.agent_groups:
+            positions = self.world.position[:, group.start:group.stop]
+            graph = self.graphs[group.name].update(positions, self.episode_step)
+            steps[group.name] = GroupStep(obs=observations[group.name],
+                                          reward=torch.zeros(self.num_envs, group.n_agents, device=self.device),
+                                          graph=graph)
+        return steps, self.global_state()
+
+    def global_state(self) -> Tensor:
+        """[B, 2E + 2A]: every entity's position and every agent's velocity."""
+        world = self.world
+        return torch.cat([world.position.flatten(1), world.velocity[:, : world.n_agents].flatten(1)], dim=1)
+
+    # -- helpers for scenarios ---------------------------------------------------------------------
+    def uniform(self, env_ids: Tensor, episode_ids: Tensor, shape: tuple[int, ...], low: float, high: float,
+                stream: int = 0) -> Tensor:
+        """Uniform draws for resets, keyed on (seed, env, episode, stream)."""
+        unit = rng.uniform(self.seed, env_ids, episode_ids, stream, shape=shape)
+        return low + (high - low) * unit
+
+    @property
+    def position(self) -> Tensor:
+        return self.world.position
+
+    @position.setter
+    def position(self, value: Tensor) -> None:
+        self.world.position = value
+
+    @property
+    def velocity(self) -> Tensor:
+        return self.world.velocity
+
+    @velocity.setter
+    def velocity(self, value: Tensor) -> None:
+        self.world.velocity = value
+
+    # -- rendering -------------------------------------------------------------------------------
+    colors: np.ndarray | None = None
+    """[E, 3] uint8 colours; scenarios may set it, otherwise agents are blue and the rest grey."""
+
+    def render(self, resolution: int = 400) -> np.ndarray:
+        """Sub-environment 0 as an RGB image, the view fitted around every entity."""
+        position = self.world.position[0].cpu().numpy()
+        size = self.world.size.cpu().numpy()
+        colors = self.colors if self.colors is not None else np.array(
+            [[60, 90, 220]] * self.world.n_agents + [[120, 120, 120]] * (len(size) - self.world.n_agents))
+        half = max(1.0, float(np.abs(position).max() + size.max())) * 1.05
+        scale = resolution / (2 * half)
+        image = np.full((resolution, resolution, 3), 255, dtype=np.uint8)
+        ys, xs = np.mgrid[0:resolution, 0:resolution]
+        order = list(range(self.world.n_agents, len(size))) + list(range(self.world.n_agents))
+        for e in order:  # landmarks first, agents on top
+            cx, cy = (position[e, 0] + half) * scale, (half - position[e, 1]) * scale
+            radius = max(size[e] * scale, 1.5)
+            x0, x1 = int(max(cx - radius, 0)), int(min(cx + radius + 1, resolution))
+            y0, y1 = int(max(cy - radius, 0)), int(min(cy + radius + 1, resolution))
+            if x0 >= x1 or y0 >= y1:
+                continue
+            inside = (xs[y0:y1, x0:x1] - cx) ** 2 + (ys[y0:y1, x0:x1] - cy) ** 2 <= radius ** 2
+            image[y0:y1, x0:x1][inside] = colors[e]
+        return image

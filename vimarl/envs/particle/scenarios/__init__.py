@@ -1,0 +1,1 @@
+"""Particle scenarios, one file each."""
