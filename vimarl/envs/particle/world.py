@@ -15,9 +15,8 @@ the behaviour of the reference a scenario comes from:
 - `action_force`: "sensitivity" applies u * sensitivity (MPE); "maac" applies
   mass * accel * u * sensitivity (MAAC's fork, so the net acceleration is accel^2 * u).
 
-Contact is computed only among colliding entities: densely for up to `dense_contact_limit`
-of them, and otherwise in row blocks so that memory stays O(B * block * C) rather than
-O(B * C^2).
+Contact is computed only among colliding entities: over every pair for up to
+`dense_contact_limit` of them, and through a cell list above that (see `contact_forces`).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class PhysicsOptions:
     damping: float = 0.25
     contact_force: float = 100.0
     contact_margin: float = 1e-3
-    dense_contact_limit: int = 1024
+    dense_contact_limit: int = 64
 
 
 class World:
@@ -74,24 +73,33 @@ class World:
         self.position = torch.zeros(num_envs, n_entities, 2, device=self.device)
         self.velocity = torch.zeros(num_envs, n_entities, 2, device=self.device)
 
-        # Contact is only computed among colliders; per-pair radius, mass ratio and mask are fixed.
+        # Contact is only computed among colliders (C of them).
         self.colliders = torch.tensor([i for i, c in enumerate(collide) if c], dtype=torch.long,
                                       device=self.device)
-        sizes = self.size[self.colliders]
-        if options.contact_radius == "first_agent":
-            self.contact_distance = torch.full((len(sizes), len(sizes)), 2 * size[0], device=self.device)
+        self.first_agent_size = size[0]
+        everyone = torch.arange(len(self.colliders), device=self.device)
+        self.contact_distance, self.contact_weight = self._pair_constants(everyone.unsqueeze(1), everyone)
+        # Beyond this distance the soft penetration is below 1e-3 * e^-40: no force in float32.
+        self.contact_cutoff = float(self.contact_distance.max()) + 40 * options.contact_margin if len(
+            self.colliders) else 0.0
+
+    def _pair_constants(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Contact distance and force weight of collider pairs (a, b) (broadcast index tensors).
+
+        The weight of the force on a from b is zero when a cannot move or a is b, the mass
+        ratio m_b / m_a with MAAC's mass weighting when both move, and one otherwise.
+        """
+        size, mass = self.size[self.colliders], self.mass[self.colliders]
+        movable = self.movable[self.colliders]
+        if self.options.contact_radius == "first_agent":
+            distance = torch.full(torch.broadcast_shapes(a.shape, b.shape), 2 * self.first_agent_size,
+                                  device=self.device)
         else:
-            self.contact_distance = sizes.unsqueeze(1) + sizes.unsqueeze(0)
-        movers = self.movable[self.colliders]
-        masses = self.mass[self.colliders]
-        # Weight of the force on a from b (zero when a cannot move or a is b).
-        weight = movers.unsqueeze(1).float().expand(len(sizes), len(sizes)).clone()
-        if options.mass_weighted_contact:
-            both = movers.unsqueeze(1) & movers.unsqueeze(0)
-            ratio = masses.unsqueeze(0) / masses.unsqueeze(1)
-            weight = torch.where(both, ratio, weight)
-        weight.fill_diagonal_(0.0)
-        self.contact_weight = weight
+            distance = size[a] + size[b]
+        weight = movable[a].float().expand(distance.shape)
+        if self.options.mass_weighted_contact:
+            weight = torch.where(movable[a] & movable[b], mass[b] / mass[a], weight)
+        return distance, torch.where(a == b, 0.0, weight)
 
     # -- forces ----------------------------------------------------------------------------------
     def action_force(self, u: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -102,23 +110,33 @@ class World:
         return force if noise is None else force + noise
 
     def contact_forces(self) -> Tensor:
-        """Soft contact force [B, C, 2] on each collider (ENV_SPECS §0.1 step 3)."""
-        positions = self.position[:, self.colliders]
-        n = positions.shape[1]
-        block = n if n <= self.options.dense_contact_limit else max(1, self.options.dense_contact_limit // 4)
-        return torch.cat([self._contact_rows(positions, start, min(start + block, n))
-                          for start in range(0, n, block)], dim=1)
+        """Soft contact force [B, C, 2] on each collider (ENV_SPECS §0.1 step 3).
 
-    def _contact_rows(self, positions: Tensor, start: int, stop: int) -> Tensor:
+        Up to `dense_contact_limit` colliders every pair is computed; above it a cell list
+        restricts each collider to the others within `contact_cutoff`, O(C) instead of O(C^2),
+        with the same result to float32 precision.
+        """
+        positions = self.position[:, self.colliders]
+        if positions.shape[1] <= self.options.dense_contact_limit:
+            delta = positions.unsqueeze(2) - positions.unsqueeze(1)  # [B, C, C, 2]
+            return self._pair_forces(delta, self.contact_distance, self.contact_weight)
+        candidates, valid = cell_list_candidates(positions, self.contact_cutoff)
+        batch, n, _ = candidates.shape
+        offsets = torch.arange(0, batch * n, n, device=self.device).view(batch, 1, 1)
+        delta = positions.unsqueeze(2) - positions.reshape(batch * n, 2)[candidates + offsets]
+        own = torch.arange(n, device=self.device).view(1, n, 1)
+        distance, weight = self._pair_constants(own, candidates)
+        return self._pair_forces(delta, distance, weight * valid)
+
+    def _pair_forces(self, delta: Tensor, contact_distance: Tensor, weight: Tensor) -> Tensor:
+        """sum_b weight_ab * contact_force * delta_ab / |delta_ab| * softplus penetration."""
         options = self.options
-        delta = positions[:, start:stop].unsqueeze(2) - positions.unsqueeze(1)  # [B, rows, C, 2]
         distance = delta.square().sum(-1).sqrt()
         margin = options.contact_margin
-        penetration = margin * F.softplus(-(distance - self.contact_distance[start:stop]) / margin)
+        penetration = margin * F.softplus(-(distance - contact_distance) / margin)
         # where(...) keeps a zero distance (an entity and itself) from producing NaN.
         scale = torch.where(distance > 0, penetration / distance.clamp_min(1e-30), 0.0)
-        scale = options.contact_force * scale * self.contact_weight[start:stop]
-        return (delta * scale.unsqueeze(-1)).sum(2)
+        return (delta * (options.contact_force * scale * weight).unsqueeze(-1)).sum(2)
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, agent_force: Tensor) -> None:
@@ -151,3 +169,40 @@ def decode_actions(action: Tensor, convention: Literal["mpe2", "mpe"] = "mpe2") 
     if action.shape[-1] == 2:
         return action
     return action @ table
+
+
+def cell_list_candidates(positions: Tensor, cutoff: float, max_cells_per_axis: int | None = None
+                         ) -> tuple[Tensor, Tensor]:
+    """For each of C points per environment, the points in its own and the 8 surrounding cells.
+
+    positions [B, C, 2] -> (candidates [B, C, 9M] int64 indices into C, valid [B, C, 9M] bool),
+    where cells are squares of side >= cutoff (so every pair closer than cutoff is a candidate)
+    and M is the largest cell occupancy. The grid is capped at `max_cells_per_axis` (default
+    2 sqrt(C)) cells per side by growing the cells, so far-flung points cannot blow up memory.
+    """
+    batch, n, _ = positions.shape
+    device = positions.device
+    low = positions.min(1, keepdim=True).values
+    extent = float((positions.max(1).values - low.squeeze(1)).max())
+    max_cells = max_cells_per_axis or max(1, int(2 * n ** 0.5))
+    cell = max(cutoff, extent / max_cells, 1e-6)
+    grid = int(extent // cell) + 1
+    coords = ((positions - low) / cell).floor().long().clamp_(0, grid - 1)  # [B, C, 2]
+    env_offset = torch.arange(batch, device=device).view(batch, 1) * grid * grid
+    key = (coords[..., 0] * grid + coords[..., 1] + env_offset).flatten()
+    order = key.argsort()
+    counts = torch.bincount(key, minlength=batch * grid * grid)
+    starts = counts.cumsum(0) - counts
+    occupancy = int(counts.max())
+    shifts = torch.tensor([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)], device=device)
+    neighbor = coords.unsqueeze(2) + shifts  # [B, C, 9, 2]
+    inside = ((neighbor >= 0) & (neighbor < grid)).all(-1)
+    neighbor_key = (neighbor[..., 0] * grid + neighbor[..., 1]).clamp(0, grid * grid - 1) + env_offset.unsqueeze(-1)
+    slot = torch.arange(occupancy, device=device)
+    valid = inside.unsqueeze(-1) & (slot < counts[neighbor_key].unsqueeze(-1))  # [B, C, 9, M]
+    sorted_position = (starts[neighbor_key].unsqueeze(-1) + slot).clamp_(max=batch * n - 1)
+    candidates = order[sorted_position] - torch.arange(batch, device=device).view(batch, 1, 1, 1) * n
+    # Invalid slots point at the point itself: always a legal index, and masked anyway.
+    own = torch.arange(n, device=device).view(1, n, 1, 1)
+    candidates = torch.where(valid, candidates, own)
+    return candidates.reshape(batch, n, -1), valid.reshape(batch, n, -1)
