@@ -1,6 +1,7 @@
 """Configuration: dataclasses with a docstring per field, YAML presets, dotted overrides.
 
 A run is resolved from, in increasing priority: the dataclass defaults (the papers' values),
+the values an environment name presets (``coop_nav_n30`` sets ``n_agents: 30``),
 ``configs/envs/<env>.yaml`` (budgets that suit the environment), ``configs/presets/<algo>-<env>.yaml``
 (tuned values for that pair, when present), a ``preset=FILE`` given by the user, and the
 ``key=value`` overrides. A preset file has up to three sections: ``train``, ``algo``, ``env``.
@@ -286,8 +287,10 @@ def resolve(algo: str, env: str, overrides: dict[str, dict[str, Any]] | None = N
     from vimarl.envs.registry import get_env
 
     algo_cls = get_algorithm(algo)
-    env_cls = get_env(env).load()
+    entry = get_env(env)
+    env_cls = entry.load()
     values: dict[str, dict] = {section: {} for section in SECTIONS}
+    values["env"] = dict(entry.defaults)  # what the env's name presets, e.g. n_agents for coop_nav_n30
     for path in preset_layers(algo, env):
         values = merge(values, load_yaml(path))
     if preset:

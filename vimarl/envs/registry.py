@@ -104,6 +104,9 @@ for _n, _c in ((2, 1), (3, 1), (4, 2)):
     register_env(f"pp_capture_n{_n}", f"{_PARTICLE}.pp_capture:PPCapture",
                  f"pp_capture ({_n}, 16, {_c})", n_predators=_n, n_prey=16, capture_threshold=_c)
 register_env("treasure", f"{_PARTICLE}.treasure:Treasure", "MAAC cooperative treasure collection")
+for _n in (4, 5):  # VM3-AC's tasks: 2 banks and N - 2 collectors, continuous actions
+    register_env(f"treasure_n{_n}", f"{_PARTICLE}.treasure:Treasure", f"treasure with {_n} agents (VM3-AC)",
+                 n_collectors=_n - 2, action_mode="continuous")
 register_env("rover_tower", f"{_PARTICLE}.rover_tower:RoverTower",
              "MAAC rover-tower: towers see goals and send 5 discrete messages to blind rovers")
 register_env("spread3", f"{_PARTICLE}.spread3:Spread3",

@@ -121,7 +121,11 @@ class ParticleEnv(BatchedEnv):
 
     def movement(self, group: AgentGroup, action: Tensor) -> Tensor:
         """Unit controls [B, N, 2] of a group from its actions (scenarios with extra action
-        parts, e.g. messages, override this and `apply_actions`)."""
+        parts, e.g. messages, override this and `apply_actions`). Continuous actions are
+        clipped to the action space first, as mpe2's wrapper does."""
+        space = self.groups[group.name].action_space
+        if isinstance(space, Box):
+            action = action.clamp(space.low, space.high)
         return decode_actions(action, self.action_convention)
 
     def apply_actions(self, actions: dict[str, Tensor]) -> None:
