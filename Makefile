@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: run test install install-dev clean
+.PHONY: run test bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Speed tables (not tests): env throughput against mpe2 and VMAS, then the layer benchmarks.
+bench: $(VENV)/.installed-dev
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/env_throughput.py
+	$(BIN)/python benchmarks/graph_ops.py
+	$(BIN)/python benchmarks/graph_builders.py
+	$(BIN)/python benchmarks/vpp_update.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

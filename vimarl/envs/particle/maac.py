@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-from torch import Tensor
 
 from vimarl.envs.base import Box, Discrete
 from vimarl.envs.particle.base import ParticleConfig
@@ -46,12 +44,3 @@ def movement_space(config: ForceControlConfig) -> Discrete | Box:
 def maac_physics(integration: Literal["mpe2", "mpe"]) -> PhysicsOptions:
     """The world options of Iqbal's MPE fork."""
     return PhysicsOptions(integration=integration, mass_weighted_contact=True, action_force="maac")
-
-
-def distance(a: Tensor, b: Tensor) -> Tensor:
-    """Pairwise distances [B, P, R] between points a [B, P, 2] and b [B, R, 2].
-
-    Computed from the differences, as MPE does, not with cdist's matrix-product shortcut, whose
-    rounding could flip a touching test at its threshold.
-    """
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")

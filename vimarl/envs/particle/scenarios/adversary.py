@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup, ParticleConfig, ParticleEnv
-from vimarl.envs.particle.scenarios.tag import without_self
+from vimarl.envs.particle.geometry import without_self
 from vimarl.envs.particle.world import PhysicsOptions, World
 
 GOAL_STREAM = 1

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup, ParticleEnv
-from vimarl.envs.particle.maac import ForceControlConfig, distance, movement_space
-from vimarl.envs.particle.scenarios.tag import without_self
+from vimarl.envs.particle.geometry import pairwise_distance, without_self
+from vimarl.envs.particle.maac import ForceControlConfig, movement_space
 from vimarl.envs.particle.world import PhysicsOptions, World
 
 PREDATOR_SIZE, PREDATOR_ACCEL, PREDATOR_MAX_SPEED = 0.075, 3.0, 1.0  # simple_tag's adversaries
@@ -127,7 +127,7 @@ class PPCapture(ParticleEnv):
         """[B, M] alive prey with at least C predators within the capture radius now."""
         n = self.config.n_predators
         position = self.world.position
-        near = distance(position[:, n:], position[:, :n]) < self.config.capture_radius  # [B, M, N]
+        near = pairwise_distance(position[:, n:], position[:, :n]) < self.config.capture_radius  # [B, M, N]
         return self.prey_alive & (near.sum(-1) >= self.config.capture_threshold)
 
     def rewards(self) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup, ParticleConfig, ParticleEnv
+from vimarl.envs.particle.geometry import pairwise_distance, without_self
 from vimarl.envs.particle.world import PhysicsOptions, World
 
 AGENT_SIZE = 0.15
@@ -55,8 +56,8 @@ class Spread(ParticleEnv):
     def rewards(self) -> dict[str, Tensor]:
         n, position = self.config.n_agents, self.world.position
         agents, landmarks = position[:, :n], position[:, n:]
-        coverage = -torch.cdist(landmarks, agents).min(-1).values.sum(-1, keepdim=True)  # [B, 1]
-        distance = torch.cdist(agents, agents)
+        coverage = -pairwise_distance(landmarks, agents).min(-1).values.sum(-1, keepdim=True)  # [B, 1]
+        distance = pairwise_distance(agents, agents)
         colliding = (distance < 2 * AGENT_SIZE) & ~torch.eye(n, dtype=torch.bool, device=self.device)
         collisions = -colliding.sum(-1).float()
         ratio = self.config.local_ratio
@@ -66,9 +67,7 @@ class Spread(ParticleEnv):
         n, world = self.config.n_agents, self.world
         own = world.position[:, :n]
         to_landmarks = world.position[:, n:].unsqueeze(1) - own.unsqueeze(2)  # [B, N, L, 2]
-        to_agents = own.unsqueeze(1) - own.unsqueeze(2)  # [B, N, N, 2]
-        others = ~torch.eye(n, dtype=torch.bool, device=self.device)
-        to_others = to_agents[:, others].view(self.num_envs, n, n - 1, 2)
+        to_others = without_self(own.unsqueeze(1) - own.unsqueeze(2))  # [B, N, N - 1, 2]
         messages = torch.zeros(self.num_envs, n, MESSAGE_DIM * (n - 1), device=self.device)
         obs = torch.cat([world.velocity[:, :n], own, to_landmarks.flatten(2), to_others.flatten(2), messages], -1)
         return {"agents": obs}

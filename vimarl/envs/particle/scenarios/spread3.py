@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup, ParticleEnv
-from vimarl.envs.particle.maac import ForceControlConfig, distance, maac_physics, movement_space
-from vimarl.envs.particle.scenarios.tag import without_self
+from vimarl.envs.particle.geometry import pairwise_distance, without_self
+from vimarl.envs.particle.maac import ForceControlConfig, maac_physics, movement_space
 from vimarl.envs.particle.world import World
 
 N_AGENTS = 3
@@ -102,12 +102,12 @@ class Spread3(ParticleEnv):
     def rewards(self) -> dict[str, Tensor]:
         agents, landmarks = self.world.position[:, :N_AGENTS], self.world.position[:, N_AGENTS:]
         coupled = self.coupled
-        to_landmarks = distance(agents, landmarks)  # [B, a, l]
+        to_landmarks = pairwise_distance(agents, landmarks)  # [B, a, l]
         # [B, i, l]: the closest agent of i's group to landmark l, summed over the group's landmarks.
         closest = to_landmarks.unsqueeze(1).masked_fill(~coupled.view(1, N_AGENTS, N_AGENTS, 1), float("inf"))
         coverage = torch.where(coupled, closest.min(2).values, 0.0).sum(-1)
         others = coupled & ~torch.eye(N_AGENTS, dtype=torch.bool, device=self.device)
-        collisions = ((distance(agents, agents) < 2 * AGENT_SIZE) & others).sum(-1).float()
+        collisions = ((pairwise_distance(agents, agents) < 2 * AGENT_SIZE) & others).sum(-1).float()
         return {"agents": -coverage - self.config.collision_penalty * collisions}
 
     def observations(self) -> dict[str, Tensor]:

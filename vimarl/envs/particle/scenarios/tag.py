@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup, ParticleConfig, ParticleEnv
+from vimarl.envs.particle.geometry import boundary_penalty, pairwise_distance, without_self
 from vimarl.envs.particle.world import PhysicsOptions, World
 
 PREDATOR_SIZE, PREY_SIZE, OBSTACLE_SIZE = 0.075, 0.05, 0.2
@@ -43,25 +44,6 @@ class TagConfig(ParticleConfig):
                              f"num_adversaries={self.num_adversaries}")
         if self.num_obstacles < 0:
             raise ValueError(f"num_obstacles must be non-negative, got {self.num_obstacles}")
-
-
-def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
-    """|a_i - b_j| [B, I, J] from [B, I, 2] and [B, J, 2], computed directly (not via matmul as
-    cdist may do) so that contact thresholds are decided as precisely as in mpe2."""
-    return torch.linalg.vector_norm(a.unsqueeze(2) - b.unsqueeze(1), dim=-1)
-
-
-def without_self(pairwise: Tensor) -> Tensor:
-    """[B, N, N, ...] -> [B, N, N - 1, ...]: drops each agent's entry about itself, keeping order."""
-    n = pairwise.shape[1]
-    others = ~torch.eye(n, dtype=torch.bool, device=pairwise.device)
-    return pairwise[:, others].view(pairwise.shape[0], n, n - 1, *pairwise.shape[3:])
-
-
-def boundary_penalty(coordinate: Tensor) -> Tensor:
-    """mpe2's `bound` of |x|: keeps the prey from fleeing to infinity."""
-    x = coordinate.abs()
-    return torch.where(x < 0.9, 0.0, torch.where(x < 1.0, 10 * (x - 0.9), torch.exp(2 * x - 2).clamp_max(10.0)))
 
 
 class Tag(ParticleEnv):

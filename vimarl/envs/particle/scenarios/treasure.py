@@ -44,7 +44,8 @@ from torch import Tensor
 
 from vimarl.envs import rng
 from vimarl.envs.particle.base import AgentGroup, ParticleEnv
-from vimarl.envs.particle.maac import ForceControlConfig, distance, maac_physics, movement_space
+from vimarl.envs.particle.geometry import pairwise_distance
+from vimarl.envs.particle.maac import ForceControlConfig, maac_physics, movement_space
 from vimarl.envs.particle.world import World
 
 COLLECTOR_SIZE, DEPOSIT_SIZE, TREASURE_SIZE = 0.05, 0.075, 0.025
@@ -139,8 +140,8 @@ class Treasure(ParticleEnv):
         c, a = self.config.n_collectors, self.world.n_agents
         position = self.world.position
         collectors = position[:, :c]
-        return (distance(collectors, position[:, a:]), distance(collectors, position[:, c:a]),
-                distance(collectors, collectors))
+        return (pairwise_distance(collectors, position[:, a:]), pairwise_distance(collectors, position[:, c:a]),
+                pairwise_distance(collectors, collectors))
 
     def carries(self) -> Tensor:
         """[B, C, D] bool: collector c holds a treasure of deposit d's type."""
@@ -221,7 +222,7 @@ class Treasure(ParticleEnv):
         agents = torch.cat([position.unsqueeze(1) - position.unsqueeze(2),  # [B, A(self), A(other), .]
                             velocity.unsqueeze(1).expand(-1, a, -1, -1),
                             encoding.unsqueeze(1).expand(-1, a, -1, -1)], -1)
-        self_distance = distance(position, position).diagonal_scatter(
+        self_distance = pairwise_distance(position, position).diagonal_scatter(
             torch.full((self.num_envs, a), float("inf"), device=self.device), dim1=1, dim2=2)
         agents = nearest(agents, self_distance, min(config.n_visible, a - 1))
 
@@ -229,7 +230,7 @@ class Treasure(ParticleEnv):
         type_one_hot = F.one_hot(self.treasure_type, types).float()
         treasures = torch.cat([treasure_position.unsqueeze(1) - position.unsqueeze(2),
                                type_one_hot.unsqueeze(1).expand(-1, a, -1, -1)], -1)
-        treasures = nearest(treasures, distance(position, treasure_position), min(config.n_visible,
+        treasures = nearest(treasures, pairwise_distance(position, treasure_position), min(config.n_visible,
                                                                                       config.n_treasures))
         own = torch.cat([position, velocity], -1)
         seen = torch.cat([agents, treasures], -1)
