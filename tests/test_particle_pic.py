@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vimarl.envs.graph import knn_graph
-from vimarl.envs.particle.pic import distances
+from vimarl.envs.particle.geometry import pairwise_distance
 from vimarl.envs.registry import make_env
 from vimarl.errors import VimarlError
 
@@ -79,6 +79,16 @@ def test_coop_nav_local_rewards_sum_to_the_team_reward(violation):
                               rtol=1e-5, atol=1e-3)
 
 
+def test_actions_follow_the_original_mpe_convention_and_integration():
+    env = make_env("coop_nav_n6", num_envs=1)
+    place(env, [[2.0 * i, 0.0] for i in range(6)] + [[0.0, 5.0]] * 6)
+    env.step({"agents": torch.tensor([[0, 1, 2, 3, 4, 1]])})
+    # u = (a1 - a2, a3 - a4) x 5; v = 0.5 u after one step of dt 0.1, and p moves by the new v.
+    velocity = [[0.0, 0.0], [0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5], [0.5, 0.0]]
+    assert close(env.velocity[0, :6], velocity)
+    assert close(env.position[0, :6], [[2.0 * i + 0.1 * vx, 0.1 * vy] for i, (vx, vy) in enumerate(velocity)])
+
+
 # Agent 0 at (1, 0): the other agents at distances 3, 0.5, 1, 2, 2.5, 4.47 and landmarks at
 # 6.4, 0.1, 0.4, 1, 1.5, 1.7, 1.9.
 OBS_AGENTS = [[1.0, 0.0], [1.0, 3.0], [1.5, 0.0], [1.0, -1.0], [1.0, -2.0], [1.0, 2.5], [3.0, -4.0]]
@@ -132,7 +142,7 @@ def test_coop_nav_landmarks_keep_the_poisson_disc_separation():
     env = make_env("coop_nav_n200", num_envs=3, seed=2)
     env.reset()
     landmarks = env.position[:, 200:]
-    between = distances(landmarks, landmarks) + torch.eye(200) * 100
+    between = pairwise_distance(landmarks, landmarks) + torch.eye(200) * 100
     assert between.min() >= 4.5 * 0.15 - TOLERANCE
     assert landmarks.abs().max() <= 7.0
 
@@ -141,7 +151,7 @@ def test_poisson_disc_holds_its_separation_near_the_sampler_limit():
     env = make_env("coop_nav_n15", num_envs=4)
     ids = torch.arange(4)
     points = env.poisson_disc(ids, torch.zeros(4, dtype=torch.long), n=120, side=10.0, min_distance=0.75, stream=0)
-    between = distances(points, points) + torch.eye(120) * 100
+    between = pairwise_distance(points, points) + torch.eye(120) * 100
     assert between.min() >= 0.75 - TOLERANCE
     assert points.min() >= 0 and points.max() < 10.0
 
@@ -214,6 +224,11 @@ def test_hetero_nav_groups_by_type_share_the_team_reward():
     assert step.groups["small"].obs.shape == (2, 4, 22)
     with pytest.raises(VimarlError, match="even"):
         make_env("hetero_nav", n_agents=7)
+
+
+@pytest.mark.parametrize("n, dim", [(4, 14), (8, 22), (16, 22), (100, 22), (300, 22)])
+def test_hetero_nav_observation_sizes(n, dim):
+    assert make_env("hetero_nav", n_agents=n).groups["agents"].obs_dim == dim
 
 
 # -- cooperative push ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import ParticleConfig, ParticleEnv
+from vimarl.envs.particle.geometry import pairwise_distance
 from vimarl.envs.particle.world import PhysicsOptions
 
 Row = TypeVar("Row")
@@ -25,6 +26,9 @@ MAX_POISSON_ROUNDS = 500
 """Candidate rounds of `PICEnv.poisson_disc` before it gives up."""
 MAX_CANDIDATES = 512
 """Candidates per environment and round of `PICEnv.poisson_disc`."""
+
+DEFAULT_SIZE = 0.05
+"""MPE's size of an entity whose scenario sets none (PIC's navigation landmarks: drawn only)."""
 
 Order = Literal["distance", "pic_bug", "index", "lexicographic"]
 """How an agent ranks the entities it observes:
@@ -78,11 +82,11 @@ class PICEnv(ParticleEnv):
         earlier = torch.ones(candidates, candidates, dtype=torch.bool, device=self.device).tril(-1)
         for round_index in range(MAX_POISSON_ROUNDS):
             draw = self.uniform(env_ids, episode_ids, (candidates, 2), 0.0, side, stream=stream + round_index)
-            to_kept = distances(draw, points).masked_fill(slots >= kept.view(-1, 1, 1), math.inf)
+            to_kept = pairwise_distance(draw, points).masked_fill(slots >= kept.view(-1, 1, 1), math.inf)
             valid = to_kept.min(-1).values >= min_distance  # [E, candidates]
             # An earlier valid candidate too close rules a candidate out, even when that one is
             # itself ruled out: conservative, so every kept pair is far enough apart.
-            blocked = (distances(draw, draw) < min_distance) & earlier & valid.unsqueeze(1)
+            blocked = (pairwise_distance(draw, draw) < min_distance) & earlier & valid.unsqueeze(1)
             accepted = valid & ~blocked.any(-1)
             slot = kept.view(-1, 1) + accepted.long().cumsum(-1) - 1
             accepted &= slot < n
@@ -109,15 +113,6 @@ def table_row(table: dict[int, Row], n: int) -> tuple[Row, float]:
     return table[largest], math.sqrt(n / largest)
 
 
-def distances(a: Tensor, b: Tensor) -> Tensor:
-    """[B, N, M] Euclidean distances from points a [B, N, 2] to b [B, M, 2].
-
-    Computed from coordinate differences, not the |a|^2 + |b|^2 - 2ab expansion, whose
-    rounding could flip contact tests at the thresholds.
-    """
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-
-
 def nearest(origin: Tensor, targets: Tensor, k: int, order: Order = "distance",
             same_group: bool = False) -> tuple[Tensor, Tensor]:
     """The `k` targets each origin observes, in observation order.
@@ -142,7 +137,7 @@ def nearest(origin: Tensor, targets: Tensor, k: int, order: Order = "distance",
         index = by_y.gather(-1, dx.gather(-1, by_y).argsort(dim=-1, stable=True))[..., :k]
     else:
         # |x_e - x_a|, or PIC's buggy |(x_e - x_a) - x_a| = |x_e - 2 x_a|.
-        key = distances(origin if order == "distance" else 2 * origin, targets)
+        key = pairwise_distance(origin if order == "distance" else 2 * origin, targets)
         if same_group:
             key = key.masked_fill(is_self, math.inf)
         index = key.topk(k, dim=-1, largest=False).indices

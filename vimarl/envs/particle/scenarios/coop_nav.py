@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup
-from vimarl.envs.particle.pic import Order, PICConfig, PICEnv, distances, nearest, table_row
+from vimarl.envs.particle.geometry import pairwise_distance
+from vimarl.envs.particle.pic import DEFAULT_SIZE, Order, PICConfig, PICEnv, nearest, table_row
 from vimarl.envs.particle.world import World
 
 AGENT_SIZE = 0.15
-LANDMARK_SIZE = 0.05  # drawn only: landmarks do not collide
 MAX_OTHERS_SEEN = 5
 LOG_DISTANCE_FLOOR = 0.01
 """Distances below this count as this in the violation term (log 0 would be -inf)."""
@@ -105,7 +105,7 @@ class CoopNav(PICEnv):
         else:
             self.orders = ("distance", "distance") if sort_key == "correct" else ("pic_bug", "pic_bug")
         self.colors = np.array([[89, 89, 217]] * n + [[64, 64, 64]] * n, dtype=np.uint8)
-        return World(self.num_envs, size=[AGENT_SIZE] * n + [LANDMARK_SIZE] * n,
+        return World(self.num_envs, size=[AGENT_SIZE] * n + [DEFAULT_SIZE] * n,
                      movable=[True] * n + [False] * n, collide=[True] * n + [False] * n, n_agents=n,
                      options=self.physics(), device=self.device)
 
@@ -125,9 +125,9 @@ class CoopNav(PICEnv):
     def rewards(self) -> dict[str, Tensor]:
         config, n = self.config, self.config.n_agents
         agents, landmarks = self.position[:, :n], self.position[:, n:]
-        coverage_distance, nearest_agent = distances(landmarks, agents).min(-1)  # [B, L]
+        coverage_distance, nearest_agent = pairwise_distance(landmarks, agents).min(-1)  # [B, L]
         coverage = torch.zeros_like(agents[..., 0]).scatter_add_(1, nearest_agent, -coverage_distance)
-        between = distances(agents, agents)
+        between = pairwise_distance(agents, agents)
         is_self = torch.eye(n, dtype=torch.bool, device=self.device)
         collisions = ((between < 2 * AGENT_SIZE) & ~is_self).sum(-1)
         local = coverage - collisions

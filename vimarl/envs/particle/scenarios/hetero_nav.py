@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup
-from vimarl.envs.particle.pic import PICConfig, PICEnv, distances, nearest, table_row
+from vimarl.envs.particle.geometry import pairwise_distance
+from vimarl.envs.particle.pic import DEFAULT_SIZE, PICConfig, PICEnv, nearest, table_row
 from vimarl.envs.particle.world import World
 
 BIG_ACCEL, BIG_MAX_SPEED = 3.0, 1.0
@@ -77,10 +78,11 @@ class HeteroNav(PICEnv):
         self.radius, self.big_size = row.radius * radius_scale, row.big_size
         self.k_others = min(MAX_OTHERS_SEEN, n - 1)
         is_big = [True] * self.n_big + [False] * (n - self.n_big)
-        self.agent_size = torch.tensor([self.big_size if big else self.big_size / 2 for big in is_big], device=self.device)
+        sizes = [self.big_size if big else self.big_size / 2 for big in is_big]
+        self.agent_size = torch.tensor(sizes, device=self.device)
         self.colors = np.array([[89, 89, 217] if big else [89, 217, 89] for big in is_big] + [[64, 64, 64]] * n,
                                dtype=np.uint8)
-        return World(self.num_envs, size=self.agent_size.tolist() + [0.05] * n,
+        return World(self.num_envs, size=sizes + [DEFAULT_SIZE] * n,
                      movable=[True] * n + [False] * n, collide=[True] * n + [False] * n, n_agents=n,
                      accel=[BIG_ACCEL if big else SMALL_ACCEL for big in is_big],
                      max_speed=[BIG_MAX_SPEED if big else SMALL_MAX_SPEED for big in is_big] + [None] * n,
@@ -101,12 +103,12 @@ class HeteroNav(PICEnv):
     def rewards(self) -> dict[str, Tensor]:
         n = self.config.n_agents
         agents, landmarks = self.position[:, :n], self.position[:, n:]
-        coverage = distances(landmarks, agents).min(-1).values.sum(-1)
+        coverage = pairwise_distance(landmarks, agents).min(-1).values.sum(-1)
         is_big = torch.arange(n, device=self.device) < self.n_big
         same_type = is_big.unsqueeze(1) == is_big.unsqueeze(0)
         # Same type: twice the shared size; mixed: big + small. Either way the sum of the sizes.
         threshold = self.agent_size.unsqueeze(1) + self.agent_size.unsqueeze(0)
-        touching = (distances(agents, agents) < threshold) & ~torch.eye(n, dtype=torch.bool, device=self.device)
+        touching = (pairwise_distance(agents, agents) < threshold) & ~torch.eye(n, dtype=torch.bool, device=self.device)
         same = (touching & same_type).sum((1, 2))
         mixed = (touching & ~same_type).sum((1, 2))
         team = -coverage - (same + MIXED_COLLISION_COST * mixed)

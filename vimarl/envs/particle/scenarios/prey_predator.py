@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from vimarl.envs.particle.base import AgentGroup
-from vimarl.envs.particle.pic import Order, PICConfig, PICEnv, distances, gather, nearest, table_row
+from vimarl.envs.particle.geometry import boundary_penalty, pairwise_distance
+from vimarl.envs.particle.pic import Order, PICConfig, PICEnv, gather, nearest, table_row
 from vimarl.envs.particle.world import World
 
 PREDATOR_ACCEL, PREDATOR_MAX_SPEED = 3.0, 1.0
@@ -50,7 +51,8 @@ CAPTURE_REWARD = 10.0
 PREY_VIEW = (3, 6, 1)
 """Landmarks, predators and other prey in a prey's observation (the frozen prey network's 26 inputs)."""
 WALL_START, BOUNDARY = 0.8, 0.9
-"""Where the scripted prey starts turning back, and where the prey's boundary penalty starts."""
+"""Where the scripted prey starts turning back, and where the prey's boundary penalty starts
+(geometry.boundary_penalty)."""
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,11 @@ class PreyPredator(PICEnv):
             self.order = row.order if config.n_predators in TABLE else "distance"
         else:
             self.order = "distance" if config.sort_key == "correct" else "pic_bug"
-        counts = (self.n_landmarks, self.n_pred, self.n_prey)
-        self.predator_view = [min(view, count) for view, count in zip(row.predator_view, counts)]
-        self.predator_view[1] = min(self.predator_view[1], self.n_pred - 1)
-        self.prey_view = [min(view, count) for view, count in zip(PREY_VIEW, counts)]
-        self.prey_view[2] = min(self.prey_view[2], self.n_prey - 1)
+        # No more than exist: (landmarks, predators, prey) besides the observer itself.
+        seen_by_predators = (self.n_landmarks, self.n_pred - 1, self.n_prey)
+        seen_by_prey = (self.n_landmarks, self.n_pred, self.n_prey - 1)
+        self.predator_view = tuple(map(min, row.predator_view, seen_by_predators))
+        self.prey_view = tuple(map(min, PREY_VIEW, seen_by_prey))
         agents, n_landmarks = self.n_pred + self.n_prey, self.n_landmarks
         self.colors = np.array([[217, 89, 89]] * self.n_pred + [[89, 217, 89]] * self.n_prey
                                + [[64, 64, 64]] * n_landmarks, dtype=np.uint8)
@@ -160,13 +162,11 @@ class PreyPredator(PICEnv):
 
     def rewards(self) -> dict[str, Tensor]:
         predators, prey, _ = self.split()
-        prey_to_predator = distances(prey, predators)  # [B, Q, P]
+        prey_to_predator = pairwise_distance(prey, predators)  # [B, Q, P]
         touching = prey_to_predator < self.row.prey_size + self.row.predator_size
         chase = -0.1 * prey_to_predator.min(1).values.sum(-1) + CAPTURE_REWARD * touching.sum((1, 2))
-        x = prey.abs() / self.radius_scale
-        boundary = torch.where(x < BOUNDARY, 0.0,
-                               torch.where(x < 1.0, 10 * (x - BOUNDARY), (2 * x - 2).exp().clamp_max(10.0)))
-        prey_reward = -CAPTURE_REWARD * touching.sum(-1) - boundary.sum(-1)
+        boundary = boundary_penalty(prey / self.radius_scale).sum(-1)
+        prey_reward = -CAPTURE_REWARD * touching.sum(-1) - boundary
         return {"predators": chase.unsqueeze(1).expand(-1, self.n_pred).contiguous(), "prey": prey_reward}
 
     def observations(self) -> dict[str, Tensor]:
@@ -174,7 +174,7 @@ class PreyPredator(PICEnv):
         velocity = self.velocity
         prey_velocity = velocity[:, self.n_pred:self.n_pred + self.n_prey]
 
-        def observe(own: Tensor, own_velocity: Tensor, view: list[int], own_group: str) -> Tensor:
+        def observe(own: Tensor, own_velocity: Tensor, view: tuple[int, int, int], own_group: str) -> Tensor:
             n_landmarks, n_predators, n_prey = view
             order = self.order
             _, to_landmarks = nearest(own, landmarks, n_landmarks, order)
