@@ -35,12 +35,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Default experiment: VPP on the 3x3 coordination game (VPP App. G.1). Writes curves
+# Default experiment: VPP on cooperative navigation with 6 agents (PIC coop_nav_n6). Writes curves
 # (metrics.csv, curve.png), a checkpoint, summary.json and an episode GIF into $(RUN_DIR).
 run: $(VENV)/.installed
 	rm -rf $(RUN_DIR)  # the default experiment starts afresh each time
-	$(BIN)/vimarl train vpp grid_coordination out=$(RUN_DIR) $(RUN_ARGS)
-	$(BIN)/vimarl eval $(RUN_DIR) --episodes 100 --gif $(RUN_DIR)/episode.gif
+	$(BIN)/vimarl train vpp coop_nav_n6 out=$(RUN_DIR) $(RUN_ARGS)
+	$(BIN)/vimarl eval $(RUN_DIR) --episodes 20 --gif $(RUN_DIR)/episode.gif --fps 8
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

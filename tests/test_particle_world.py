@@ -9,7 +9,8 @@ import torch
 
 import vimarl
 from vimarl.envs.graph import knn_graph
-from vimarl.envs.particle.world import PhysicsOptions, World, cell_list_candidates, decode_actions
+from vimarl.envs.particle.world import PhysicsOptions, World, decode_actions
+from vimarl.envs.spatial import cell_candidates
 
 
 def one_agent(integration, **kwargs):
@@ -121,7 +122,7 @@ def test_cell_list_contact_equals_dense(contact_radius, mass_weighted):
 def test_cell_list_candidates_cover_every_close_pair():
     torch.manual_seed(1)
     positions = torch.rand(2, 300, 2) * 5
-    candidates, valid = cell_list_candidates(positions, cutoff=0.3)
+    candidates, valid = cell_candidates(positions, positions, cell=0.3)
     for b in range(2):
         distance = torch.cdist(positions[b], positions[b])
         close = (distance < 0.3).nonzero().tolist()
@@ -172,3 +173,15 @@ def test_render_draws_the_entities():
     assert image.dtype == np.uint8 and image.shape == (400, 400, 3)
     blue = (image == np.array([60, 90, 220], dtype=np.uint8)).all(-1).sum()
     assert blue > 3 * math.pi * 10 ** 2  # three agents of radius > 10 pixels
+
+
+def test_eval_records_a_particle_episode_as_a_gif(tmp_path):
+    env = vimarl.make_env("coop_nav_n6", 1)
+    algo = vimarl.make_algo("vpp", env)
+    frames = []
+    vimarl.evaluate(algo, env, seed=0, frames=frames)
+    assert len(frames) == 26  # the reset frame and one per step of the 25-step episode
+    assert not np.array_equal(frames[0], frames[-1])  # the agents moved
+    from vimarl.video import write_gif
+    path = write_gif(frames, tmp_path / "episode.gif", fps=8)
+    assert path.read_bytes()[:6] == b"GIF89a"

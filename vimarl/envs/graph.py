@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vimarl.envs.spatial import BRUTE_FORCE_PAIRS, k_nearest
+
 
 @dataclass
 class Graph:
@@ -62,6 +64,19 @@ def knn_graph(positions: Tensor, k: int) -> Graph:
     """
     neighbors, _ = _nearest_others(positions, k)
     return _padded(neighbors, torch.ones_like(neighbors, dtype=torch.bool), k)
+
+
+def _nearest_others(positions: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The min(k, N - 1) nearest other agents of each agent and their squared distances,
+    from a grid of cells in 2-D (O(N), vimarl.envs.spatial) and over all pairs otherwise."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    positions = positions.detach()  # a graph holds indices only: no gradient flows through it
+    n = positions.shape[1]
+    if positions.shape[-1] == 2 and n * n > BRUTE_FORCE_PAIRS:
+        neighbors, distances = k_nearest(positions, positions, min(k, n - 1), exclude_self=True)
+        return neighbors, distances.square()
+    return _all_pairs_nearest_others(positions, k)
 
 
 def radius_knn_graph(positions: Tensor, k: int, radius: float) -> Graph:
@@ -229,15 +244,12 @@ def _other_agent(slot: Tensor) -> Tensor:
     return slot + (slot >= agent).long()
 
 
-def _nearest_others(positions: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _all_pairs_nearest_others(positions: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The min(k, N - 1) nearest other agents of each agent and their squared distances.
 
     Returns `neighbors [B, N, M]` (int64, nearest first, equal distances by lower index) and
     `squared_distances [B, N, M]`, with M = min(k, N - 1).
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    positions = positions.detach()  # a graph holds indices only: no gradient flows through it
     batch, n, dims = positions.shape
     # Squared differences summed one coordinate at a time: memory stays [B, N, N] (never
     # [B, N, N, D]), and unlike the |x|^2 + |y|^2 - 2xy expansion, identical coordinate

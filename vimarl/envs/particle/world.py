@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vimarl.envs.spatial import cell_candidates
+
 # Maps a 5-way action (no-op, then two signed pairs) to (u_x, u_y).
 ACTION_TO_FORCE = {
     # mpe2: action 1 -> -x, 2 -> +x, 3 -> -y, 4 -> +y; continuous u = (a2 - a1, a4 - a3).
@@ -120,7 +122,7 @@ class World:
         if positions.shape[1] <= self.options.dense_contact_limit:
             delta = positions.unsqueeze(2) - positions.unsqueeze(1)  # [B, C, C, 2]
             return self._pair_forces(delta, self.contact_distance, self.contact_weight)
-        candidates, valid = cell_list_candidates(positions, self.contact_cutoff)
+        candidates, valid = cell_candidates(positions, positions, self.contact_cutoff)
         batch, n, _ = candidates.shape
         offsets = torch.arange(0, batch * n, n, device=self.device).view(batch, 1, 1)
         delta = positions.unsqueeze(2) - positions.reshape(batch * n, 2)[candidates + offsets]
@@ -170,39 +172,3 @@ def decode_actions(action: Tensor, convention: Literal["mpe2", "mpe"] = "mpe2") 
         return action
     return action @ table
 
-
-def cell_list_candidates(positions: Tensor, cutoff: float, max_cells_per_axis: int | None = None
-                         ) -> tuple[Tensor, Tensor]:
-    """For each of C points per environment, the points in its own and the 8 surrounding cells.
-
-    positions [B, C, 2] -> (candidates [B, C, 9M] int64 indices into C, valid [B, C, 9M] bool),
-    where cells are squares of side >= cutoff (so every pair closer than cutoff is a candidate)
-    and M is the largest cell occupancy. The grid is capped at `max_cells_per_axis` (default
-    2 sqrt(C)) cells per side by growing the cells, so far-flung points cannot blow up memory.
-    """
-    batch, n, _ = positions.shape
-    device = positions.device
-    low = positions.min(1, keepdim=True).values
-    extent = float((positions.max(1).values - low.squeeze(1)).max())
-    max_cells = max_cells_per_axis or max(1, int(2 * n ** 0.5))
-    cell = max(cutoff, extent / max_cells, 1e-6)
-    grid = int(extent // cell) + 1
-    coords = ((positions - low) / cell).floor().long().clamp_(0, grid - 1)  # [B, C, 2]
-    env_offset = torch.arange(batch, device=device).view(batch, 1) * grid * grid
-    key = (coords[..., 0] * grid + coords[..., 1] + env_offset).flatten()
-    order = key.argsort()
-    counts = torch.bincount(key, minlength=batch * grid * grid)
-    starts = counts.cumsum(0) - counts
-    occupancy = int(counts.max())
-    shifts = torch.tensor([(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)], device=device)
-    neighbor = coords.unsqueeze(2) + shifts  # [B, C, 9, 2]
-    inside = ((neighbor >= 0) & (neighbor < grid)).all(-1)
-    neighbor_key = (neighbor[..., 0] * grid + neighbor[..., 1]).clamp(0, grid * grid - 1) + env_offset.unsqueeze(-1)
-    slot = torch.arange(occupancy, device=device)
-    valid = inside.unsqueeze(-1) & (slot < counts[neighbor_key].unsqueeze(-1))  # [B, C, 9, M]
-    sorted_position = (starts[neighbor_key].unsqueeze(-1) + slot).clamp_(max=batch * n - 1)
-    candidates = order[sorted_position] - torch.arange(batch, device=device).view(batch, 1, 1, 1) * n
-    # Invalid slots point at the point itself: always a legal index, and masked anyway.
-    own = torch.arange(n, device=device).view(1, n, 1, 1)
-    candidates = torch.where(valid, candidates, own)
-    return candidates.reshape(batch, n, -1), valid.reshape(batch, n, -1)

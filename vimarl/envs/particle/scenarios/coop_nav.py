@@ -37,6 +37,7 @@ from vimarl.envs.particle.base import AgentGroup
 from vimarl.envs.particle.geometry import pairwise_distance
 from vimarl.envs.particle.pic import DEFAULT_SIZE, Order, PICConfig, PICEnv, nearest, table_row
 from vimarl.envs.particle.world import World
+from vimarl.envs.spatial import count_within, k_nearest
 
 AGENT_SIZE = 0.15
 MAX_OTHERS_SEEN = 5
@@ -125,14 +126,13 @@ class CoopNav(PICEnv):
     def rewards(self) -> dict[str, Tensor]:
         config, n = self.config, self.config.n_agents
         agents, landmarks = self.position[:, :n], self.position[:, n:]
-        coverage_distance, nearest_agent = pairwise_distance(landmarks, agents).min(-1)  # [B, L]
-        coverage = torch.zeros_like(agents[..., 0]).scatter_add_(1, nearest_agent, -coverage_distance)
-        between = pairwise_distance(agents, agents)
-        is_self = torch.eye(n, dtype=torch.bool, device=self.device)
-        collisions = ((between < 2 * AGENT_SIZE) & ~is_self).sum(-1)
+        nearest_agent, coverage_distance = k_nearest(landmarks, agents, 1)  # [B, L, 1], O(N) for large N
+        coverage = torch.zeros_like(agents[..., 0]).scatter_add_(1, nearest_agent[..., 0], -coverage_distance[..., 0])
+        collisions = count_within(agents, agents, 2 * AGENT_SIZE, exclude_self=True)
         local = coverage - collisions
-        if config.violation:
-            log_distance = between.clamp_min(LOG_DISTANCE_FLOOR).log().masked_fill(is_self, 0.0)
+        if config.violation:  # the log distances to every other agent are O(N^2) by definition
+            is_self = torch.eye(n, dtype=torch.bool, device=self.device)
+            log_distance = pairwise_distance(agents, agents).clamp_min(LOG_DISTANCE_FLOOR).log().masked_fill(is_self, 0.0)
             local = local + config.violation_weight * log_distance.sum(-1)
         if config.reward == "local":
             return {"agents": local}
