@@ -147,5 +147,5 @@ def _all_pairs_nearest(queries: Tensor, points: Tensor, k: int, exclude_self: bo
         own = (torch.arange(queries.shape[1], device=queries.device).view(1, -1, 1) if query_index is None
                else query_index.view(-1, 1, 1))
         distance = distance.masked_fill(torch.arange(points.shape[1], device=points.device) == own, math.inf)
-    nearest_distance, index = distance.sort(dim=-1, stable=True)
-    return index[..., :k], nearest_distance[..., :k]
+    index = torch.arange(points.shape[1], device=points.device).expand_as(distance)
+    return _smallest_by_index(distance, index, k, points.shape[1])
