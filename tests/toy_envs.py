@@ -29,7 +29,7 @@ class ContinuousConsensus(BatchedEnv):
         self.groups = {"agents": GroupSpec(n_agents, 1, Box(-1.0, 1.0, 1), graph_k=self.graph.k)}
 
     def _reset_envs(self, env_mask):
-        pass
+        """Nothing to reset: the observation is constant."""
 
     def _step(self, actions):
         a = actions["agents"][..., 0]
