@@ -26,7 +26,7 @@ import torch
 import vimarl
 from common import parse_args, print_machine, print_table, time_ms
 from vimarl.buffer import ReplayBuffer, TransitionCodec
-from vimarl.train import act
+from vimarl.train import act, fill_replay
 
 GRID_SIDES = (3, 10, 35)
 BATCH_SIZES = (32, 128, 1024)
@@ -37,15 +37,7 @@ STEP_ENVS = (8, 256)
 
 
 def filled_buffer(env, algo) -> tuple[TransitionCodec, ReplayBuffer]:
-    codec = TransitionCodec(algo.groups, env.state_dim)
-    buffer = ReplayBuffer(FILL_ENVS * FILL_STEPS, codec.fields(), seed=0)
-    step = env.reset(seed=0)
-    for _ in range(FILL_STEPS):
-        actions = act(algo, step, explore=True)
-        next_step = env.step(actions)
-        buffer.add(codec.encode(step, actions, next_step))
-        step = next_step
-    return codec, buffer
+    return fill_replay(env, algo, FILL_STEPS, capacity=FILL_ENVS * FILL_STEPS)
 
 
 def main() -> None:

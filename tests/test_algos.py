@@ -7,11 +7,10 @@ import torch
 
 import vimarl
 from vimarl.algos import ALGORITHMS, Algorithm, Capabilities
-from vimarl.buffer import ReplayBuffer, TransitionCodec
 from vimarl.envs.base import Box, Discrete, GroupSpec
 from vimarl.errors import VimarlError
 from vimarl.nn.distributions import action_features
-from vimarl.train import act
+from vimarl.train import act, fill_replay
 
 from toy_envs import register_test_envs
 
@@ -20,15 +19,7 @@ ENVS = ["grid_coordination", "test_continuous_consensus"]
 
 
 def filled_buffer(env, algo, steps=20):
-    codec = TransitionCodec(algo.groups, env.state_dim)
-    buffer = ReplayBuffer(1000, codec.fields(), seed=0)
-    step = env.reset(seed=0)
-    for _ in range(steps):
-        actions = act(algo, step, explore=True)
-        next_step = env.step(actions)
-        buffer.add(codec.encode(step, actions, next_step))
-        step = next_step
-    return codec, buffer
+    return fill_replay(env, algo, steps, capacity=1000)
 
 
 def compatible(algo_name, env_name):

@@ -81,6 +81,21 @@ def act(algo: Algorithm, step: TimeStep, *, explore: bool) -> dict[str, Tensor]:
                     state=step.state)
 
 
+def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | None = None,
+                seed: int = 0) -> tuple[TransitionCodec, ReplayBuffer]:
+    """A replay buffer filled by `steps` vectorised steps of `algo` exploring in `env` (for
+    tests, benchmarks and offline experiments; the Trainer collects the same way)."""
+    codec = TransitionCodec(algo.groups, env.state_dim)
+    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed)
+    step = env.reset(seed=seed)
+    for _ in range(steps):
+        actions = act(algo, step, explore=True)
+        next_step = env.step(actions)
+        buffer.add(codec.encode(step, actions, next_step))
+        step = next_step
+    return codec, buffer
+
+
 class Trainer:
     """Runs one (algorithm, environment, seed) to `total_steps`; see the module docstring."""
 
@@ -365,4 +380,4 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algo
     return run, algo, content
 
 
-__all__ = ["Trainer", "evaluate", "load_trained", "train"]
+__all__ = ["Trainer", "evaluate", "fill_replay", "load_trained", "train"]
