@@ -8,9 +8,10 @@ import pytest
 import torch
 from helpers import CounterEnv
 
-from vimarl.buffer import ReplayBuffer, TransitionCodec
+from vimarl.buffer import ReplayBuffer, TransitionCodec, available_memory
 from vimarl.envs.base import Box, Discrete, GroupSpec
 from vimarl.envs.registry import make_env
+from vimarl.errors import VimarlError
 
 torch.set_num_threads(1)
 
@@ -270,3 +271,13 @@ def test_int32_neighbours_decode_to_equal_int64():
     assert torch.equal(batch.graph["g"].neighbors, neighbors)
     assert torch.equal(batch.next_graph["g"].neighbors, neighbors.flip(-1))
     assert batch.state is None and batch.next_state is None
+
+
+def test_a_buffer_too_large_for_memory_is_a_one_line_error():
+    available = available_memory(torch.device("cpu"))
+    assert available and available > 0
+    row = {"obs": ((1000,), torch.float32)}  # 4 kB a row
+    with pytest.raises(VimarlError) as error:
+        ReplayBuffer(int(available / 4000 * 2), row)
+    message = str(error.value)
+    assert "does not fit" in message and "lower buffer_size (e.g. buffer_size=" in message and "\n" not in message

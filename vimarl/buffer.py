@@ -7,6 +7,8 @@ back to a `Transition`, graphs included, so algorithms see the structure they we
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
+from vimarl.errors import VimarlError
 
 
 class ReplayBuffer:
@@ -24,6 +27,9 @@ class ReplayBuffer:
                  device: str | torch.device = "cpu", seed: int = 0):
         self.capacity = int(capacity)
         self.device = torch.device(device)
+        row_bytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                        for shape, dtype in fields.values())
+        _check_fits(self.capacity, row_bytes, self.device)
         self.data = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
                      for name, (shape, dtype) in fields.items()}
         self.position = 0  # next row to write
@@ -70,6 +76,30 @@ class ReplayBuffer:
         self.position, self.size = state["position"], state["size"]
         for name, stored in state["data"].items():
             self.data[name][: self.size] = stored.to(self.device)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+        return pages * os.sysconf("SC_PAGE_SIZE") if pages else None
+
+
+def _check_fits(capacity: int, row_bytes: int, device: torch.device) -> None:
+    """A one-line error instead of an out-of-memory kill when the buffer cannot fit."""
+    available = available_memory(device)
+    needed = capacity * row_bytes
+    if available is not None and needed > 0.8 * available:
+        fitting = int(0.5 * available / row_bytes)
+        raise VimarlError(f"a replay buffer of {capacity:,} transitions x {row_bytes / 1e3:,.1f} kB = "
+                          f"{needed / 1e9:,.1f} GB does not fit in the {available / 1e9:,.1f} GB available on "
+                          f"{device}; lower buffer_size (e.g. buffer_size={fitting})")
 
 
 @dataclass
