@@ -42,7 +42,7 @@ def test_entry_point_is_installed():
 def test_list_shows_algorithms_envs_and_flags():
     output = run("list").stdout
     assert "vpp" in output and "isac" in output and "grid_coordination" in output
-    assert "[discrete/continuous, needs_graph]" in output
+    assert "[discrete/continuous, needs_graph, heterogeneous]" in output
 
 
 def test_train_writes_the_run(trained):

@@ -34,13 +34,11 @@ def test_env_steps_through_an_auto_reset_with_consistent_tensors(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "coop_nav_n1225"])
-def test_vpp_acts_on_every_single_group_env(name):
+def test_vpp_acts_on_every_env_and_every_learned_group(name):
     env = vimarl.make_env(name, 2, seed=0)
     learned = {g: s for g, s in env.groups.items() if s.role == "learned"}
-    if len(learned) != 1:
-        pytest.skip("vpp controls one group; heterogeneous groups come with Step 3")
     algo = vimarl.make_algo("vpp", env)
-    step = env.reset(seed=0)
-    (group, spec), = learned.items()
-    action = act(algo, step, explore=True)[group]
-    assert action.shape[:2] == (2, spec.n_agents)
+    actions = act(algo, env.reset(seed=0), explore=True)
+    assert set(actions) == set(learned)
+    for group, spec in learned.items():
+        assert actions[group].shape[:2] == (2, spec.n_agents)

@@ -98,6 +98,6 @@ def test_same_seed_same_result_and_different_seed_differs(tmp_path):
     def final_weights(seed, name):
         out = tmp_path / name
         vimarl.train("vpp", "grid_coordination", out=str(out), seed=seed, **dict(FAST, total_steps=160))
-        return checkpoint.load(checkpoint.latest(out))["algo"]["policy.head.net.0.weight"]
+        return checkpoint.load(checkpoint.latest(out))["algo"]["policy.heads.agents.net.0.weight"]
     assert torch.equal(final_weights(0, "a"), final_weights(0, "b"))
     assert not torch.equal(final_weights(0, "c"), final_weights(1, "d"))

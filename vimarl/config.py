@@ -3,7 +3,8 @@
 A run is resolved from, in increasing priority: the dataclass defaults (the papers' values),
 the values an environment name presets (``coop_nav_n30`` sets ``n_agents: 30``),
 ``configs/envs/<env>.yaml`` (budgets that suit the environment), ``configs/presets/<algo>-<env>.yaml``
-(tuned values for that pair, when present), a ``preset=FILE`` given by the user, and the
+(tuned values for that pair, when present), a ``--preset FILE`` (or a preset name such as
+``paper``, which finds ``configs/presets/<algo>-paper.yaml``) given by the user, and the
 ``key=value`` overrides. A preset file has up to three sections: ``train``, ``algo``, ``env``.
 Overrides are ``algo.<field>=v``, ``env.<field>=v`` and trainer fields without a prefix.
 """
@@ -265,6 +266,20 @@ def preset_layers(algo: str, env: str) -> list[Path]:
     return [path for path in candidates if path.exists()]
 
 
+def find_preset(preset: str | Path, algo: str) -> Path:
+    """A preset file path, or a name: `paper` finds configs/presets/<algo>-paper.yaml."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    named = CONFIG_DIR / "presets" / f"{algo}-{preset}.yaml"
+    if named.exists():
+        return named
+    names = sorted(p.stem.removeprefix(f"{algo}-") for p in (CONFIG_DIR / "presets").glob(f"{algo}-*.yaml"))
+    raise VimarlError(f"no preset file '{preset}' and no preset named '{preset}' for '{algo}'"
+                      f"{did_you_mean(str(preset), names)}; named presets for {algo}: "
+                      f"{', '.join(names) or 'none'}")
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run: written to OUT/config.yaml and read back by --resume."""
@@ -294,7 +309,7 @@ def resolve(algo: str, env: str, overrides: dict[str, dict[str, Any]] | None = N
     for path in preset_layers(algo, env):
         values = merge(values, load_yaml(path))
     if preset:
-        values = merge(values, load_yaml(Path(preset)))
+        values = merge(values, load_yaml(find_preset(preset, algo)))
     values = merge(values, overrides or {})
     return RunConfig(algo=algo, env=env,
                      train=build(TrainConfig, values["train"], "train"),

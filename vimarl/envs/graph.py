@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vimarl.envs import rng
 from vimarl.envs.spatial import BRUTE_FORCE_PAIRS, k_nearest
 
 
@@ -172,11 +173,45 @@ def random_k_graph(
     """
     if n < 1 or k < 1:
         raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
+    keys = torch.rand(batch_size, n, n - 1, generator=generator, device=device)
+    return random_k_graph_from_keys(keys, k)
+
+
+def random_k_graph_from_keys(keys: Tensor, k: int) -> Graph:
+    """`random_k_graph` from given keys `[B, N, N - 1]` (i.i.d. uniform, or distinct integers
+    from them): agent i's neighbours are the other agents holding its min(k, N - 1) largest
+    keys, largest first.
+
+    Entry j of row i is the key of the j-th other agent (0..i-1, then i+1..N-1). With
+    i.i.d. uniform keys this is a uniform draw without replacement, in a uniformly random
+    order; environments pass keys from counter-based randomness (vimarl.envs.rng), so that
+    the draw is a pure function of their counters. Time and memory are O(B N^2).
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    _, n, others = keys.shape
+    if others != n - 1:
+        raise ValueError(f"keys must be [B, N, N - 1], got {list(keys.shape)}")
     # The other agents holding the min(k, n - 1) largest of i.i.d. uniform keys are a
     # uniform draw without replacement, and topk lists them in a uniformly random order.
-    keys = torch.rand(batch_size, n, n - 1, generator=generator, device=device)
     neighbors = _other_agent(keys.topk(min(k, n - 1), dim=-1).indices)
     return _padded(neighbors, torch.ones_like(neighbors, dtype=torch.bool), k)
+
+
+def counter_random_k_graph(n: int, k: int, seed: int, env_ids: Tensor, *counters: Tensor | int) -> Graph:
+    """`random_k_graph` for the environments `env_ids [E]`, drawn from counter-based randomness.
+
+    The draw is a pure function of (seed, env id, *counters) -- see `vimarl.envs.rng.uniform`
+    for per-environment ([E] tensors) and global (int) counters -- so an environment gets the
+    same graph whatever the batch it is in. Keys are made distinct (24 random bits, then the
+    slot), so ties never leave the choice to topk. Time and memory are O(E N^2).
+    """
+    if n < 1 or k < 1:
+        raise ValueError(f"need n >= 1 and k >= 1, got n={n}, k={k}")
+    unit = rng.uniform(seed, env_ids, *counters, shape=(n, n - 1))
+    slot = torch.arange(n - 1, device=unit.device)
+    keys = (unit * (1 << 24)).long() * max(n - 1, 1) + slot
+    return random_k_graph_from_keys(keys, k)
 
 
 # ---------------------------------------------------------------------------------------

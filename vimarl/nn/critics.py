@@ -46,14 +46,27 @@ class NeighborQ(nn.Module):
         self.aggregate = neighbor_sum if aggregation == "sum" else neighbor_mean
         self.head = mlp(self.states.out_dim + action_dim + action_embed_dim, hidden, 1)
 
+    def context(self, obs: Tensor, graph: Graph, neighbor_action: Tensor) -> tuple[Tensor, Tensor]:
+        """What Q_i reads besides a_i: s_i^M [B, N, S] and the pooled neighbour actions [B, N, E]."""
+        return self.states(obs, graph)[-1], self.aggregate(self.neighbor_action(neighbor_action), graph)
+
     def forward(self, obs: Tensor, action: Tensor, graph: Graph, neighbor_action: Tensor | None = None) -> Tensor:
         """obs [B, N, D], action [B, N, A] (one-hot or continuous) -> Q [B, N].
 
         `neighbor_action` (default: `action`) is what the neighbours' slots read, so a caller can
         stop gradients through the neighbours' actions while keeping the agent's own.
         """
-        neighbor_action = action if neighbor_action is None else neighbor_action
-        neighbors = self.aggregate(self.neighbor_action(neighbor_action), graph)
-        state = self.states(obs, graph)[-1]
+        state, neighbors = self.context(obs, graph, action if neighbor_action is None else neighbor_action)
         return self.head(torch.cat([state, action, neighbors], dim=-1)).squeeze(-1)
 
+    def all_actions(self, obs: Tensor, graph: Graph, neighbor_action: Tensor) -> Tensor:
+        """Q_i(s, a, a_Ni) for every own discrete action a at once: [B, N, A].
+
+        The neighbours' actions are the given ones [B, N, A]; the state and neighbour pooling
+        are computed once and only the head runs A times.
+        """
+        state, neighbors = self.context(obs, graph, neighbor_action)
+        batch, n, width = neighbor_action.shape
+        own = torch.eye(width, dtype=state.dtype, device=state.device).expand(batch, n, width, width)
+        state, neighbors = (x.unsqueeze(2).expand(-1, -1, width, -1) for x in (state, neighbors))
+        return self.head(torch.cat([state, own, neighbors], dim=-1)).squeeze(-1)

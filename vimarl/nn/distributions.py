@@ -70,6 +70,11 @@ class Categorical:
         return F.one_hot(action, n).float()
 
 
+def _standard_normal_log_prob(noise: Tensor, log_std: Tensor) -> Tensor:
+    """log N(mean + std * noise; mean, std^2 I), summed over the last axis."""
+    return (-0.5 * noise.square() - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
 class TanhGaussian:
     """A diagonal Gaussian squashed by tanh and scaled to [low, high] (SAC, App. C of Haarnoja 2018)."""
 
@@ -81,7 +86,7 @@ class TanhGaussian:
         noise = torch.randn_like(self.mean)
         pre_tanh = self.mean + self.log_std.exp() * noise
         action = self.offset + self.scale * torch.tanh(pre_tanh)
-        gaussian_log_prob = (-0.5 * noise.square() - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        gaussian_log_prob = _standard_normal_log_prob(noise, self.log_std)
         # log |d action / d pre_tanh| = log scale + log(1 - tanh^2), written stably.
         log_det = (math.log(self.scale) + 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
         log_prob = gaussian_log_prob - log_det
@@ -95,24 +100,47 @@ class TanhGaussian:
         return action
 
 
+class Gaussian:
+    """A diagonal Gaussian without squashing; samples are clipped to [low, high] for the env.
+
+    The clip is straight-through (the critic input keeps the raw sample's gradient), and the
+    log-probability is the unclipped Gaussian density, as in policies that leave clipping to
+    the environment.
+    """
+
+    def __init__(self, mean: Tensor, log_std: Tensor, low: float, high: float):
+        self.mean, self.log_std, self.low, self.high = mean, log_std, low, high
+
+    def sample(self) -> PolicySample:
+        noise = torch.randn_like(self.mean)
+        raw = self.mean + self.log_std.exp() * noise
+        action = raw + (raw.clamp(self.low, self.high) - raw).detach()
+        log_prob = _standard_normal_log_prob(noise, self.log_std)
+        return PolicySample(action.detach(), action, log_prob, log_prob)
+
+    def mode(self) -> Tensor:
+        return self.mean.clamp(self.low, self.high)
+
+
 class PolicyHead(nn.Module):
-    """Features -> a Categorical (softmax) or TanhGaussian (mean, log std) for one action space."""
+    """Features -> a Categorical (softmax), or a TanhGaussian / plain Gaussian (mean, log std)."""
 
     LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...], action_space: ActionSpace):
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], action_space: ActionSpace, squash: bool = True):
         super().__init__()
-        self.action_space = action_space
+        self.action_space, self.squash = action_space, squash
         out = action_space.n if isinstance(action_space, Discrete) else 2 * action_space.dim
         self.net = mlp(in_dim, hidden, out)
 
-    def forward(self, features: Tensor, action_mask: Tensor | None = None) -> Categorical | TanhGaussian:
+    def forward(self, features: Tensor, action_mask: Tensor | None = None) -> Categorical | TanhGaussian | Gaussian:
         out = self.net(features)
         if isinstance(self.action_space, Discrete):
             return Categorical(out, action_mask)
         mean, log_std = out.chunk(2, dim=-1)
         log_std = log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
-        return TanhGaussian(mean, log_std, self.action_space.low, self.action_space.high)
+        gaussian = TanhGaussian if self.squash else Gaussian
+        return gaussian(mean, log_std, self.action_space.low, self.action_space.high)
 
 
 def action_features(action: Tensor, action_space: ActionSpace) -> Tensor:

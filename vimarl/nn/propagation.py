@@ -41,13 +41,14 @@ class MeanFieldPropagation(nn.Module):
     mu_i^0 = relu(W_0 o_i) embeds psi_i (each agent's independent decision); then for m = 1..M
     mu_i^m = relu(W_s s_i^{m-1} + concat_l sum_{j in N_i} a^l_ij W_V^l mu_j^{m-1}) with the
     attention a^l_ij of `NeighborAttention`, and s^m from `StatePropagation`. With M = 0 the
-    policy embedding is mu^0 alone: the independent policy of App. G.1.
+    policy embedding is mu^0 alone: the independent policy of App. G.1. With `concat_hops` the
+    output concatenates every round's embeddings [mu^0, ..., mu^M] (IP, 001 App. B.2).
     """
 
     def __init__(self, obs_dim: int, embed_dim: int, state_dim: int, heads: int, rounds: int,
-                 attend_self: bool = True):
+                 attend_self: bool = True, concat_hops: bool = False):
         super().__init__()
-        self.rounds = rounds
+        self.rounds, self.concat_hops = rounds, concat_hops
         self.encoder = nn.Linear(obs_dim, embed_dim)
         # Round m reads s^{m-1}, so states up to s^{M-1} are all the policy needs.
         self.states = StatePropagation(obs_dim, state_dim, max(rounds - 1, 0))
@@ -55,14 +56,14 @@ class MeanFieldPropagation(nn.Module):
             nn.Linear(obs_dim if m == 0 else state_dim, embed_dim) for m in range(rounds))
         self.attention = nn.ModuleList(
             NeighborAttention(embed_dim, embed_dim, heads, include_self=attend_self) for _ in range(rounds))
-        self.out_dim = embed_dim
+        self.out_dim = embed_dim * (rounds + 1 if concat_hops else 1)
 
     def forward(self, obs: Tensor, graph: Graph) -> Tensor:
-        """The policy embeddings mu^M [B, N, embed_dim]."""
-        embedding = torch.relu(self.encoder(obs))
-        if self.rounds == 0:
-            return embedding
-        states = self.states(obs, graph)
-        for m in range(self.rounds):
-            embedding = torch.relu(self.state_in[m](states[m]) + self.attention[m](embedding, graph))
-        return embedding
+        """The policy embeddings mu^M [B, N, embed_dim], or [mu^0, ..., mu^M] concatenated."""
+        embeddings = [torch.relu(self.encoder(obs))]
+        if self.rounds:
+            states = self.states(obs, graph)
+            for m in range(self.rounds):
+                embeddings.append(torch.relu(self.state_in[m](states[m])
+                                             + self.attention[m](embeddings[-1], graph)))
+        return torch.cat(embeddings, dim=-1) if self.concat_hops else embeddings[-1]

@@ -17,7 +17,13 @@ from torch import Tensor
 
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Box, Discrete, GroupSpec, GroupStep
-from vimarl.envs.graph import DynamicGraph, knn_graph
+from vimarl.envs.graph import (
+    DynamicGraph,
+    Graph,
+    complete_graph,
+    counter_random_k_graph,
+    knn_graph,
+)
 from vimarl.envs.particle.world import World, decode_actions
 
 
@@ -29,16 +35,40 @@ class ParticleConfig:
     """discrete: 5 actions (no-op, -x, +x, -y, +y); continuous: a 5-vector in [0, 1] (mpe2 layout)."""
     episode_length: int = 25
     """Steps per episode (25 in every MPE experiment of the papers)."""
+    graph: Literal["knn", "random_k", "complete"] = "knn"
+    """The agent graph of each group. knn: each agent's graph_k nearest agents of its group,
+    rebuilt from positions every graph_every steps (the papers' graph). random_k: graph_k
+    distinct other agents of the group drawn uniformly, redrawn at each episode start and every
+    graph_every steps, from counter-based randomness keyed on (seed, sub-environment, episode,
+    group, step of the draw), so reset(seed) replays the same graphs whatever num_envs (the
+    papers' random-graph ablation). complete: every other agent of the group, K = N - 1, fixed;
+    messages and memory then grow as O(N^2) per sub-environment, as does random_k's draw."""
     graph_k: int = 0
-    """Neighbours per agent in the kNN agent graph; 0 = the papers' rule (8 if N > 30, else 4)."""
+    """Neighbours per agent for graph=knn and graph=random_k, at most N - 1; 0 = the papers' rule
+    (8 if N > 30, else 4). graph=complete ignores it."""
     graph_every: int = 5
-    """Recompute the kNN graph every this many steps (the papers use 5)."""
+    """Rebuild the knn graph, or redraw the random_k graph, every this many steps of an episode
+    (the papers use 5 and ablate 1 and 10); graph=complete ignores it."""
     integration: Literal["mpe2", "mpe"] = "mpe2"
     """Order of the position and velocity updates: mpe2's, or the original MPE's."""
 
 
 def default_k(n_agents: int) -> int:
     return 8 if n_agents > 30 else 4
+
+
+GRAPH_STREAM = 0x67726170
+"""Counter that keeps the random_k graph draws apart from every reset draw."""
+
+
+class StaticGraph:
+    """The same graph at every step, with DynamicGraph's `update` interface."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def update(self, positions: Tensor, episode_step: Tensor) -> Graph:
+        return self.graph
 
 
 @dataclass
@@ -72,13 +102,57 @@ class ParticleEnv(BatchedEnv):
         self.agent_groups = self.make_groups()
         movement = Discrete(5) if config.action_mode == "discrete" else Box(0.0, 1.0, 5)
         self.groups, self.graphs = {}, {}
-        for group in self.agent_groups:
-            k = min(config.graph_k or default_k(group.n_agents), max(group.n_agents - 1, 1))
+        for index, group in enumerate(self.agent_groups):
+            self.graphs[group.name] = self.make_graph(index, group)
             self.groups[group.name] = GroupSpec(group.n_agents, group.obs_dim, group.action_space or movement,
-                                                role=group.role, graph_k=k)
-            self.graphs[group.name] = DynamicGraph(lambda positions, k=k: knn_graph(positions, k),
-                                                   config.graph_every)
+                                                role=group.role, graph_k=self.graph_k(group))
         self.state_dim = self.world.position.shape[1] * 2 + self.world.n_agents * 2
+
+    # -- agent graphs ----------------------------------------------------------------------------
+    def graph_k(self, group: AgentGroup) -> int:
+        """Neighbour slots K of a group's graph under the config's `graph` option."""
+        n = group.n_agents
+        if self.config.graph == "complete":
+            return max(n - 1, 1)
+        return min(self.config.graph_k or default_k(n), max(n - 1, 1))
+
+    def make_graph(self, index: int, group: AgentGroup) -> DynamicGraph | StaticGraph:
+        """The graph source of the `index`-th group: `update(positions, episode_step)` gives the
+        graph after each reset and step."""
+        kind, k, every = self.config.graph, self.graph_k(group), self.config.graph_every
+        if kind == "complete":
+            return StaticGraph(complete_graph(group.n_agents, self.num_envs, device=self.device))
+        if kind == "knn":
+            return DynamicGraph(lambda positions: knn_graph(positions, k), every)
+        if kind == "random_k":
+            def draw(positions: Tensor) -> Graph:
+                # Every sub-environment's graph is the one drawn at its latest refresh step, so
+                # the build is right for the environments that are not due as well.
+                refresh_step = self.episode_step - self.episode_step % every
+                return counter_random_k_graph(group.n_agents, k, self.seed, self.env_ids, self.episode_index,
+                                              GRAPH_STREAM, index, refresh_step)
+            return DynamicGraph(draw, every)
+        raise ValueError(f"graph must be knn, random_k or complete, got {self.config.graph!r}")
+
+    def state_dict(self) -> dict:
+        """The base state plus each group's current graph, which between two refreshes depends
+        on past positions (knn) and is not rebuilt from the restored state alone."""
+        state = super().state_dict()
+        state["graphs"] = {name: {"neighbors": source.graph.neighbors.clone(), "mask": source.graph.mask.clone()}
+                           for name, source in self.graphs.items()
+                           if isinstance(source, DynamicGraph) and source.graph is not None}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("graphs", {})
+        for name, source in self.graphs.items():
+            if isinstance(source, DynamicGraph):
+                graph = saved.get(name)
+                # Without a saved graph (older checkpoints) the next update rebuilds it: exact for
+                # random_k, from the restored positions for knn.
+                source.graph = None if graph is None else Graph(graph["neighbors"].to(self.device, copy=True),
+                                                                graph["mask"].to(self.device, copy=True))
 
     # -- what a scenario implements --------------------------------------------------------------
     @abstractmethod
