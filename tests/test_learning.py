@@ -1,38 +1,60 @@
-"""Learning tests: the papers' toy games to a stated return, fixed seeds, seconds each."""
+"""Learning tests: the papers' toy games and a small scenario to a stated return, fixed seeds."""
 
 import pytest
 
 import vimarl
 from vimarl.logging import read_metrics
+from vimarl.train import EVAL_SEED_OFFSET, evaluate
+
+from helpers import UniformPolicy
 
 SEEDS = (0, 1, 2)
 
 
-def final_return(tmp_path, algo, seed, **overrides):
+def eval_returns(tmp_path, algo, env, seed, **overrides):
     out = tmp_path / f"{algo}-{seed}"
-    vimarl.train(algo, "grid_coordination", out=str(out), seed=seed, progress=False, tensorboard=False,
-                 **overrides)
-    return read_metrics(out / "metrics.csv")[-1]["eval_return_mean"]
+    vimarl.train(algo, env, out=str(out), seed=seed, progress=False, tensorboard=False, **overrides)
+    return [row["eval_return_mean"] for row in read_metrics(out / "metrics.csv")]
 
 
 @pytest.mark.learning
 @pytest.mark.parametrize("seed", SEEDS)
-def test_vpp_solves_the_3x3_grid_game(tmp_path, seed, report):
+@pytest.mark.parametrize("inference", ["mean_field", "loopy_bp"])
+def test_vpp_solves_the_3x3_grid_game(tmp_path, inference, seed, report):
     """000 App. G.1, Fig. 7: VPP reaches the optimum 0; random play scores -6."""
-    value = final_return(tmp_path, "vpp", seed)
-    report(f"grid_coordination 3x3, 2000 env steps: vpp seed {seed}: sampled eval return {value:.3f}")
+    value = eval_returns(tmp_path, "vpp", "grid_coordination", seed, algo_config={"inference": inference})[-1]
+    report(f"grid_coordination 3x3, 2000 env steps: vpp {inference} seed {seed}: sampled eval return {value:.3f}")
     assert value >= -0.5
 
 
 @pytest.mark.learning
 @pytest.mark.parametrize("seed", SEEDS)
-def test_isac_on_the_3x3_grid_game_is_recorded(tmp_path, seed, report):
-    """The paper reports the independent policy stays random (-6). With VPP's losses, including
-    the gradient through neighbours' actions, ISAC coordinates too; with that gradient off and
-    agent ids in the observation it stays near random. Both are recorded, the first asserted."""
-    shared = final_return(tmp_path, "isac", seed)
-    independent = final_return(tmp_path / "ind", "isac", seed,
-                               algo_config={"neighbor_action_gradient": False}, env_config={"agent_ids": True})
-    report(f"grid_coordination 3x3, 2000 env steps: isac seed {seed}: {shared:.3f} (VPP's losses), "
-           f"{independent:.3f} (no neighbour-action gradient, agent ids)")
-    assert -12.0 <= independent <= 0.0 and shared >= -0.5
+def test_isac_on_the_3x3_grid_game(tmp_path, seed, report):
+    """The paper reports the independent policy stays random (-6). Not reproduced: with shared
+    weights and the constant state ISAC's agents have one policy and agree trivially, and even
+    with agent ids in the observation (seed 0 recorded) the exact per-agent gradient of J_pi
+    drives independent agents to a common action (see docs/vpp.md)."""
+    shared = eval_returns(tmp_path, "isac", "grid_coordination", seed)[-1]
+    line = f"grid_coordination 3x3, 2000 env steps: isac seed {seed}: {shared:.3f} (shared weights)"
+    if seed == 0:
+        with_ids = eval_returns(tmp_path / "ids", "isac", "grid_coordination", seed, env_config={"agent_ids": True})
+        line += f", {with_ids[-1]:.3f} (agent ids)"
+    report(line)
+    assert shared >= -0.5
+
+
+# coop_nav N = 6 at a budget of about a minute on one CPU thread: 10k env steps, one update of
+# batch 64 every 4 env steps, lr 0.003 (the paper's 0.01 does not learn at this budget).
+COOP_NAV_BUDGET = dict(total_steps=10_000, warmup_steps=1000, update_every=4, batch_size=64,
+                       eval_every=5000, eval_episodes=20)
+
+
+@pytest.mark.learning
+def test_vpp_beats_random_on_coop_nav_n6(tmp_path, report):
+    random_return = float(evaluate(UniformPolicy(vimarl.make_env("coop_nav_n6", 1).groups),
+                                   vimarl.make_env("coop_nav_n6", 20), seed=EVAL_SEED_OFFSET)["agents"].mean())
+    vpp = eval_returns(tmp_path, "vpp", "coop_nav_n6", 0, algo_config={"lr": 0.003}, **COOP_NAV_BUDGET)
+    isac = eval_returns(tmp_path, "isac", "coop_nav_n6", 0, algo_config={"lr": 0.003}, **COOP_NAV_BUDGET)
+    report(f"coop_nav_n6, 10k env steps, seed 0, deterministic eval over 20 episodes: vpp {vpp[-1]:.1f}, "
+           f"isac {isac[-1]:.1f}, uniform random {random_return:.1f}")
+    assert vpp[-1] >= random_return + 40
