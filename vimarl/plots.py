@@ -109,6 +109,6 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
     figure.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
+    figure.savefig(out, bbox_inches="tight")  # keeps a legend wider than the axes whole
     plt.close(figure)
     return out

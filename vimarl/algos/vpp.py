@@ -21,7 +21,7 @@ Choices the papers leave open (SEED_ALGOS.md), exposed or documented here:
   agent's own action, with the neighbours' actions a_Ni sampled and held fixed;
   "straight_through" samples every action with straight-through Gumbel-softmax, so agent j's
   policy also learns from Q_i of every i with j in N_i (`neighbor_action_gradient` switches that
-  part off). The default was picked by measurement (docs/results/vpp_gradients.md).
+  part off). The default was picked by measurement (docs/vpp.md).
   Continuous actions use the reparameterised sample for both.
 - Q_i over a variable neighbour set: a DeepSets sum over neighbour action embeddings (NeighborQ).
 - The graph for s': the one the environment returned with s' (stored in the buffer).
