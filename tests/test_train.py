@@ -101,3 +101,11 @@ def test_same_seed_same_result_and_different_seed_differs(tmp_path):
         return checkpoint.load(checkpoint.latest(out))["algo"]["policy.heads.agents.net.0.weight"]
     assert torch.equal(final_weights(0, "a"), final_weights(0, "b"))
     assert not torch.equal(final_weights(0, "c"), final_weights(1, "d"))
+
+
+def test_reuse_freed_memory_takes_effect_on_glibc():
+    import platform
+
+    from vimarl.train import reuse_freed_memory
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_memory() == expected

@@ -45,6 +45,11 @@ class TrainConfig:
     """Torch device for environments, networks and the replay buffer (cpu, cuda, cuda:1)."""
     torch_threads: int = 1
     """CPU threads for torch; one is fastest for small models on small machines."""
+    reuse_freed_memory: bool = True
+    """Linux/glibc: keep freed memory for reuse instead of returning it to the kernel
+    (mallopt M_MMAP_MAX=0, no trimming): large CPU updates stop page-faulting every activation
+    tensor (1.2-3.5x faster updates at N = 1,225), for 1.3-1.6x more peak memory
+    (docs/benchmarks.md, VPP scaling). Process-wide; stays on for the rest of the process."""
     warmup_steps: int = 1000
     """Environment steps of uniformly random actions before the policy acts and updates start."""
     update_every: int = 1

@@ -8,6 +8,7 @@ separately seeded environments reset to the same seed every time, one episode pe
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import signal
@@ -33,13 +34,33 @@ from vimarl.logging import MetricsLog
 EVAL_SEED_OFFSET = 1_000_003
 """Evaluation environments use seed + this, so they never replay training episodes."""
 RESUMABLE_CHANGES = {"total_steps", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
-                     "eval_every", "torch_threads", "device"}
+                     "eval_every", "torch_threads", "reuse_freed_memory", "device"}
 """Trainer fields that may change on --resume without breaking exact continuation."""
 
 
-def set_threads(config: TrainConfig) -> None:
+def configure_process(config: TrainConfig) -> None:
     if torch.get_num_threads() != config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if config.reuse_freed_memory:
+        reuse_freed_memory()
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True where it took effect.
+
+    By default glibc serves every allocation above its mmap threshold (at most 32 MiB) with a
+    fresh mmap and unmaps it on free, so each large activation tensor is page-faulted and zeroed
+    by the kernel again on every update: at N = 1,225 that was 40% of an update's time
+    (docs/benchmarks.md). Serving everything from the heap and never trimming it removes that.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: other allocators have their own policies
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    # A trim threshold of -1 becomes SIZE_MAX inside glibc: the heap is never trimmed.
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
 @torch.no_grad()
@@ -102,7 +123,7 @@ class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path):
         self.run, self.config = run, run.train
         self.run_dir = Path(run_dir)
-        set_threads(self.config)
+        configure_process(self.config)
         torch.manual_seed(self.config.seed)
         device = self.config.device
         if device.startswith("cuda") and not torch.cuda.is_available():
