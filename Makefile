@@ -52,6 +52,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/graph_ops.py
 	$(BIN)/python benchmarks/graph_builders.py
 	$(BIN)/python benchmarks/vpp_update.py
+	$(BIN)/python benchmarks/vpp_scaling.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
