@@ -57,7 +57,7 @@ def test_update_changes_parameters_and_reports_finite_metrics(algo_name, env_nam
     assert metrics and all(torch.isfinite(v) and v.dim() == 0 for v in metrics.values())
     changed = [k for k, v in algo.state_dict().items()
                if isinstance(v, torch.Tensor) and not torch.equal(v, before[k])]
-    assert any(k.startswith("policy.") for k in changed) and any(k.startswith("critics.") and ".q." in k for k in changed)
+    assert any("policy." in k for k in changed) and any("critics." in k and ".q." in k for k in changed)
 
 
 @pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
@@ -70,7 +70,9 @@ def test_state_dict_carries_optimiser_state_for_exact_continuation(algo_name):
         first.update(batch)
     second = vimarl.make_algo(algo_name, env)
     second.load_state_dict(first.state_dict())
-    assert second.optimizers["policy"].state_dict()["state"], "Adam moments were not restored"
+    moments = [optimizer.state_dict()["state"] for module in second.modules() if isinstance(module, Algorithm)
+               for optimizer in module.optimizers.values()]
+    assert moments and all(moments), "Adam moments were not restored"
     torch.manual_seed(1)
     first.update(batch)
     torch.manual_seed(1)

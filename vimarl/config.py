@@ -139,6 +139,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         args = typing.get_args(hint)
         item_hint = args[0] if args else Any
         return origin(coerce(item, item_hint, f"{key}[{i}]") for i, item in enumerate(items))
+    if origin is dict:
+        mapping = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(mapping, dict):
+            raise VimarlError(f"{key} expects a mapping, got {value!r}; write e.g. {key}={{a: 1, b: 2}}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {coerce(k, key_hint, key): coerce(v, value_hint, f"{key}.{k}") for k, v in mapping.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
