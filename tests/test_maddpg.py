@@ -1,0 +1,236 @@
+"""MADDPG and MADDPG-S: critic target, agent shuffling, actor gradient and regulariser, clipping, learning."""
+
+import pytest
+import torch
+
+import vimarl
+from vimarl.algos.maddpg import (clip_per_variable, critic_input, own_action_rows,
+                                 permute_agents, relaxed_sample)
+from vimarl.envs.base import Box, Discrete
+from vimarl.logging import read_metrics
+from vimarl.nn.centralized import BatchedLinear
+from vimarl.train import EVAL_SEED_OFFSET, evaluate, fill_replay
+
+from helpers import UniformPolicy
+
+G = "agents"
+
+
+def spread_batch(name="maddpg", batch_size=8, **config):
+    env = vimarl.make_env("spread", 4)
+    algo = vimarl.make_algo(name, env, **config)
+    codec, buffer = fill_replay(env, algo, 10, capacity=1000)
+    batch = codec.decode(buffer.sample(batch_size))
+    batch.terminated[: batch_size // 2] = 1.0
+    return algo, batch
+
+
+def per_agent_mlp(module, i, x):
+    """Agent i's network of a non-shared AgentMLP, layer by layer with its weight slices."""
+    for layer in module.net:
+        if isinstance(layer, BatchedLinear):
+            x = x @ layer.weight[i] + layer.bias[i]
+        else:
+            x = layer(x)
+    return x
+
+
+def test_q_target_by_hand():
+    algo, batch = spread_batch(gamma=0.9)
+    obs2, n = batch.next_obs[G], algo.groups[G].n_agents
+    torch.manual_seed(5)
+    y = algo.q_target(G, batch)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        logits = algo.target_policy[G](obs2)
+        u = torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)
+        soft = torch.softmax(logits - torch.log(-torch.log(u)), dim=-1)  # SoftCategoricalPd.sample
+        x = torch.cat([obs2.flatten(1), soft.flatten(1)], dim=-1)  # (o'_1..o'_N, a'_1..a'_N)
+        for i in range(n):
+            q = per_agent_mlp(algo.critics[G].target_q, i, x).squeeze(-1)
+            expected = batch.reward[G][:, i] + 0.9 * (1 - batch.terminated) * q
+            assert torch.allclose(y[:, i], expected, atol=1e-6)
+    assert torch.equal(y[:4], batch.reward[G][:4])  # terminal rows do not bootstrap
+
+
+def test_q_loss_uses_replayed_one_hot_actions():
+    algo, batch = spread_batch()
+    torch.manual_seed(2)
+    loss = algo.q_loss(G, batch)
+    torch.manual_seed(2)
+    y = algo.q_target(G, batch)
+    with torch.no_grad():
+        one_hot = torch.nn.functional.one_hot(batch.action[G], 5).float()
+        x = torch.cat([batch.obs[G].flatten(1), one_hot.flatten(1)], dim=-1)
+        for i in range(3):
+            q = per_agent_mlp(algo.critics[G].q, i, x).squeeze(-1)
+            assert torch.allclose(loss[i], (q - y[:, i]).square().mean(), atol=1e-6)
+
+
+def test_shuffle_permutes_obs_and_actions_consistently():
+    b, n, o, a = 4, 3, 2, 5
+    obs, actions = torch.randn(b, n, o), torch.randn(b, n, a)
+    perm = torch.tensor([2, 0, 1])
+    rows = critic_input(obs, actions, perm)
+    expected = torch.cat([obs[:, [2, 0, 1]].flatten(1), actions[:, [2, 0, 1]].flatten(1)], dim=-1)
+    assert torch.equal(rows, expected.unsqueeze(1).expand(b, n, -1))
+    # one permutation per batch row
+    row_perm = torch.stack([torch.randperm(n) for _ in range(b)])
+    rows = critic_input(obs, actions, row_perm)
+    for r in range(b):
+        p = row_perm[r]
+        expected = torch.cat([obs[r, p].flatten(), actions[r, p].flatten()])
+        assert torch.equal(rows[r], expected.expand(n, -1))
+    # per-critic joint actions (actor loss): slots of every critic's row move together
+    fresh = torch.randn(b, n, a)
+    own = own_action_rows(actions, fresh)
+    for i in range(n):
+        assert torch.equal(own[:, i, i], fresh[:, i])
+        assert all(torch.equal(own[:, i, j], actions[:, j]) for j in range(n) if j != i)
+    rows = critic_input(obs, own, perm)
+    for i in range(n):
+        assert torch.equal(rows[:, i], torch.cat([obs[:, perm].flatten(1), own[:, i, perm].flatten(1)], dim=-1))
+    assert torch.equal(permute_agents(own, row_perm, 2)[1, 0], own[1, 0, row_perm[1]])
+
+
+def test_shuffle_leaves_a_permutation_invariant_critic_unchanged():
+    b, n, o, a = 6, 4, 3, 2
+    obs, actions = torch.randn(b, n, o), torch.randn(b, n, a)
+    net = torch.nn.Linear(o + a, 1)
+
+    def invariant_critic(rows):  # sum_k f(o_k, a_k) read back from the joint input
+        obs_part, act_part = rows[..., : n * o], rows[..., n * o:]
+        pairs = torch.cat([obs_part.unflatten(-1, (n, o)), act_part.unflatten(-1, (n, a))], dim=-1)
+        return net(pairs).sum((-1, -2))
+
+    plain = invariant_critic(critic_input(obs, actions))
+    shuffled = invariant_critic(critic_input(obs, actions, torch.randperm(n)))
+    per_row = invariant_critic(critic_input(obs, actions, torch.rand(b, n).argsort(1)))
+    assert not torch.equal(critic_input(obs, actions), critic_input(obs, actions, torch.tensor([1, 0, 2, 3])))
+    assert torch.allclose(plain, shuffled, atol=1e-6) and torch.allclose(plain, per_row, atol=1e-6)
+
+
+@pytest.mark.parametrize("shuffle", ["batch", "row"])
+def test_maddpg_s_draws_a_fresh_permutation_every_update(shuffle, monkeypatch):
+    algo, batch = spread_batch("maddpg_s", shuffle=shuffle)
+    seen = []
+    original = type(algo).permutation_for
+
+    def record(self, g, batch):
+        perm = original(self, g, batch)
+        seen.append(perm)
+        return perm
+
+    monkeypatch.setattr(type(algo), "permutation_for", record)
+    for _ in range(4):
+        algo.update(batch)
+    shape = (3,) if shuffle == "batch" else (8, 3)
+    for perm in seen:
+        assert perm.shape == shape and torch.equal(perm.sort(-1).values, torch.arange(3).expand(shape))
+    assert len({tuple(p.flatten().tolist()) for p in seen}) > 1
+    # the permutation reaches the critic: a fixed sigma != identity changes Q_i's target
+    sigma = torch.tensor([1, 2, 0])
+    torch.manual_seed(0)
+    permuted = algo.q_target(G, batch, sigma)
+    torch.manual_seed(0)
+    assert not torch.allclose(permuted, algo.q_target(G, batch))
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_actor_gradient_flows_through_the_critic_only_to_its_own_agent(sharing):
+    algo, batch = spread_batch(parameter_sharing=sharing)
+    q, reg = algo.policy_terms(G, batch)
+    q[0].backward()  # agent 0's critic value
+    assert all(p.grad is None for p in algo.critics[G].parameters())
+    grads = [p.grad for p in algo.policy[G].parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    if not sharing:  # other agents' actions come from replay: only agent 0's actor gets a gradient
+        weight = algo.policy[G].net.net[0].weight.grad
+        assert weight[0].abs().sum() > 0 and weight[1:].abs().sum() == 0
+
+
+def test_policy_loss_is_minus_q_plus_the_logit_regulariser():
+    algo, batch = spread_batch(lr=0.0)  # lr 0: the critic step leaves the critics as they were
+    logits = algo.policy[G](batch.obs[G]).detach()
+    torch.manual_seed(7)
+    metrics = algo.update(batch)
+    torch.manual_seed(7)
+    algo.q_loss(G, batch)  # the same random draws as the update's critic step
+    q, reg = algo.policy_terms(G, batch)
+    assert torch.allclose(reg, logits.square().mean(dim=(0, 2)))
+    expected = (-q + 1e-3 * logits.square().mean(dim=(0, 2))).sum()
+    assert torch.allclose(metrics["loss_policy"], expected, atol=1e-6)
+
+
+def test_per_variable_clipping_helper():
+    weight = torch.nn.Parameter(torch.zeros(3, 4, 2))
+    weight.grad = torch.stack([torch.full((4, 2), 5.0), torch.full((4, 2), 0.01), torch.full((4, 2), -2.0)])
+    shared = torch.nn.Parameter(torch.zeros(5))
+    shared.grad = torch.full((5,), 3.0)
+    small_before = weight.grad[1].clone()
+    clip_per_variable([(weight, True), (shared, False)], 0.5)
+    norms = weight.grad.flatten(1).norm(dim=1)
+    assert torch.allclose(norms[[0, 2]], torch.tensor([0.5, 0.5]))
+    assert torch.equal(weight.grad[1], small_before)  # under the clip: unchanged
+    assert torch.allclose(weight.grad[2], torch.full((4, 2), -0.5 / 8 ** 0.5))  # direction kept
+    assert torch.allclose(shared.grad.norm(), torch.tensor(0.5))
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_optimizer_step_clips_every_variable(sharing):
+    algo, batch = spread_batch(parameter_sharing=sharing)
+    for name, module in (("policy", algo.policy), ("q", torch.nn.ModuleList(c.q for c in algo.critics.values()))):
+        variables = algo.clip[name]
+        assert {id(p) for p, _ in variables} == {id(p) for p in module.parameters()}
+        assert all(per_agent != sharing for _, per_agent in variables)
+    q, reg = algo.policy_terms(G, batch)
+    algo.step("policy", -1e4 * q.sum())  # a huge loss: every gradient is over the clip
+    for p, per_agent in algo.clip["policy"]:
+        norms = p.grad.flatten(1).norm(dim=1) if per_agent else p.grad.norm().view(1)
+        assert (norms <= 0.5 + 1e-5).all() and (norms > 0.49).any()
+
+
+@pytest.mark.parametrize("name", ["maddpg", "maddpg_s"])
+@pytest.mark.parametrize("sharing", [False, True])
+def test_both_sharing_modes_update(name, sharing):
+    algo, batch = spread_batch(name, parameter_sharing=sharing)
+    before = {k: v.clone() for k, v in algo.state_dict().items() if isinstance(v, torch.Tensor)}
+    metrics = algo.update(batch)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    after = algo.state_dict()
+    assert not torch.equal(before["policy.agents.net.net.0.weight"], after["policy.agents.net.net.0.weight"])
+    # targets moved by tau = 0.01 toward the new critic
+    key = "critics.agents.q.net.0.weight"
+    target = "critics.agents.target_q.net.0.weight"
+    assert torch.allclose(after[target], 0.99 * before[target] + 0.01 * after[key], atol=1e-6)
+
+
+def test_relaxed_sample_and_deterministic_actions():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0, -1.0]]).expand(20000, 3)
+    action, soft = relaxed_sample(logits, Discrete(3))
+    assert torch.allclose(soft.sum(-1), torch.ones(20000)) and torch.equal(action, soft.argmax(-1))
+    frequencies = torch.bincount(action, minlength=3).float() / 20000  # Gumbel-max: softmax(logits)
+    assert torch.allclose(frequencies, torch.softmax(logits[0], -1), atol=0.01)
+    mask = torch.tensor([[False, True, True]]).expand(20000, 3)
+    assert (relaxed_sample(logits, Discrete(3), mask)[0] != 0).all()
+    params = torch.tensor([[3.0, -0.5, 0.0, 0.0]]).expand(1000, 4)  # mean (3, -0.5), log std 0
+    action, critic = relaxed_sample(params, Box(-1, 1, 2))
+    assert ((action >= -1) & (action <= 1)).all() and torch.equal(action, critic.detach())
+
+
+# spread N = 3 at a budget of about a minute on one CPU thread (see the report line for the numbers).
+SPREAD_BUDGET = dict(total_steps=20_000, warmup_steps=1000, update_every=8, batch_size=256,
+                     eval_every=5000, eval_episodes=20)
+
+
+@pytest.mark.learning
+def test_maddpg_beats_random_on_spread(tmp_path, report):
+    random_return = float(evaluate(UniformPolicy(vimarl.make_env("spread", 1).groups),
+                                   vimarl.make_env("spread", 20), seed=EVAL_SEED_OFFSET)["agents"].mean())
+    out = tmp_path / "maddpg"
+    vimarl.train("maddpg", "spread", out=str(out), seed=0, progress=False, tensorboard=False, **SPREAD_BUDGET)
+    returns = [row["eval_return_mean"] for row in read_metrics(out / "metrics.csv")]
+    report(f"spread N=3, {SPREAD_BUDGET['total_steps']} env steps, seed 0, deterministic eval over 20 episodes: "
+           f"maddpg {returns[-1]:.1f} (curve {[round(r, 1) for r in returns]}), uniform random {random_return:.1f}")
+    assert returns[-1] >= random_return + 10

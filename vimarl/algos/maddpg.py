@@ -1,0 +1,347 @@
+"""MADDPG (Lowe et al. 2017) as in openai/maddpg@3ceefa0, and MADDPG-S, its agent-shuffling variant (001 App. B.1).
+
+Every agent i has a deterministic actor mu_i(o_i) whose output is the flat parameter of an action
+distribution (logits for Discrete, (mean, log std) for Box), and a centralised critic
+Q_i(x, a_1, ..., a_N) over x = (o_1, ..., o_N) and every agent's action (`maddpg/trainer/maddpg.py`,
+`q_train` / `p_train`). With bars marking target networks and one batch D shared by all agents:
+
+    a~_k(u)  = softmax(mu_k(o_k) - log(-log u)),  u ~ U(0, 1)      relaxed Gumbel-softmax sample,
+                                                                    temperature 1 (SoftCategoricalPd)
+    y_i      = r_i + gamma (1 - d) Qbar_i(x', a~'_1, ..., a~'_N),   a~'_k sampled from mubar_k(o'_k)
+    L_Q_i    = E_D[ (Q_i(x, a_1, ..., a_N) - y_i)^2 ]                (q_loss; the 1e-3 E[Q^2] term is off)
+    L_mu_i   = -E_D[ Q_i(x, a_1, .., a~_i, .., a_N) ] + 1e-3 E_D[ mu_i(o_i)^2 ]
+               (only agent i's action is re-sampled from its current actor, the others come from
+               replay; the regulariser is the mean square of the flat parameters, `p_reg`)
+
+Each gradient is clipped per variable to norm 0.5 (`U.minimize_and_clip`, tf.clip_by_norm on
+every tensor separately, not the global norm), Adam lr 1e-2 for both, and right after the critic
+and actor steps the targets move by Polyak averaging with tau = 0.01 (`make_update_exp`,
+polyak 1 - 1e-2). Networks are MLPs 64 -> 64 ReLU -> linear (`experiments/train.py` mlp_model).
+
+Actions (ALGO_SPECS §5.4, §6.1):
+- Discrete: the reference hands the soft Gumbel-softmax vector to MPE as a force and stores it in
+  replay. vimarl's discrete environments take an index, so the environment gets the argmax of that
+  same relaxed sample (an exact categorical sample of softmax(mu_i), the Gumbel-max trick) and the
+  buffer stores the index, seen by the critics as a one-hot. Sampled actions a~ (target look-ahead,
+  actor loss) enter the critics as the soft vector itself, as in the reference (`critic_action`
+  "soft"); "straight_through" feeds the one-hot of the argmax with the soft gradient instead, so
+  that sampled and replayed critic inputs are alike. Action masks set masked logits to the dtype's
+  minimum before sampling (the reference has none).
+- Box: the reference's DiagGaussianPd, a = mean + exp(log std) * eps, unsquashed, with the
+  regulariser on (mean, log std). vimarl clips the sample to [low, high] for the environment and
+  the buffer; the critic input is the clipped value with the unclipped sample's gradient
+  (straight-through clip, `Gaussian`), and log std is clamped to [-20, 2] for numerical safety
+  (the reference leaves it free, only the regulariser bounds it).
+- Exploration is the sample above; deterministic evaluation plays argmax mu_i(o_i) (Discrete) or
+  the clipped mean (Box).
+
+Differences from the reference, by design:
+- All agents update at once, batched (no Python loop over agents), on one batch: the reference
+  updates agent after agent on the same indices, so agent j > i's look-ahead already uses agent
+  i's freshly moved target actor; here every look-ahead uses the targets from before the update.
+  Critic steps precede actor steps as in the reference (`q_train`, then `p_train`, then targets).
+- Per-agent networks (parameter_sharing=False, the reference) are batched `AgentMLP`s whose losses
+  are summed over agents, so each agent's parameters get exactly the reference's gradient, and
+  per-variable clipping clips each agent's slice of a batched tensor separately. With
+  parameter_sharing=True (for large N, ALGO_SPECS §6.4) one actor and one critic read a one-hot
+  agent id; their losses are averaged over agents and each shared tensor is clipped as a whole.
+- Initialisation is torch's nn.Linear default (in `BatchedLinear` too), not TF's Glorot-uniform
+  weights with zero biases of tf.contrib.layers.fully_connected.
+- Trainer settings of the reference (an update every 100 env steps, learning starts after
+  1024 x 25 transitions, batch 1024, replay 1e6, 25-step episodes whose time limit is not a
+  terminal) are trainer fields, not part of this Config.
+
+MADDPG-S (001 App. B.1: "shuffle the agents' observations and actions in training batch", after
+Liu et al. 2019; footnote 7: the operation does not change the actions themselves): every update
+draws a uniformly random permutation sigma of the agents and builds every critic input as
+x_sigma = (o_sigma(1), ..., o_sigma(N), a_sigma(1), ..., a_sigma(N)), the same sigma for the
+observations and the actions, for x and x' alike, in the critic and the actor losses. By default
+one sigma per update for the whole batch, as PIC's code does (`ddpg_vec.py`,
+`np.random.permutation(n_agent)` per critic update; PIC permutes only in the critic update, here
+the actor loss sees the same permuted layout); `shuffle="row"` draws one per batch row. Agent i's
+identity is not lost: Q_i is still agent i's own critic (its own network, or the shared one with
+agent i's one-hot id), trained on agent i's reward r_i, and in the actor loss agent i's fresh
+action a~_i sits in whatever slot sigma moves it to, so the gradient still reaches mu_i. What the
+critic can no longer use is the slot order of the other agents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
+from vimarl.buffer import Transition
+from vimarl.envs.base import ActionSpace, Box, Discrete, GroupSpec
+from vimarl.nn.centralized import AgentMLP, BatchedLinear, joint_input
+from vimarl.nn.distributions import Gaussian, PolicyHead, action_dim, action_features
+
+
+@dataclass
+class MADDPGConfig:
+    lr: float = 0.01
+    """Adam learning rate of actors and critics (openai/maddpg train.py --lr 1e-2)."""
+    gamma: float = 0.95
+    """Discount of the critic target y_i (train.py --gamma 0.95)."""
+    tau: float = 0.01
+    """Polyak step of the target actors and critics after every update (make_update_exp, polyak 1 - 1e-2)."""
+    hidden_dim: int = 64
+    """Units of each of the two ReLU hidden layers of every actor and critic (train.py --num-units 64)."""
+    grad_clip: float = 0.5
+    """Per-variable gradient norm clip (U.minimize_and_clip, grad_norm_clipping=0.5); 0 disables it."""
+    policy_reg: float = 1e-3
+    """Weight of the mean square of the actor's flat output (logits, or mean and log std) in the
+    actor loss (p_train: loss = pg_loss + p_reg * 1e-3)."""
+    parameter_sharing: bool = False
+    """One actor and one critic shared by the agents of a group, reading a one-hot agent id (for
+    large N, ALGO_SPECS §6.4), or one network per agent (the reference)."""
+    critic_action: Literal["soft", "straight_through"] = "soft"
+    """Sampled discrete actions as critic inputs: the relaxed Gumbel-softmax vector (the reference),
+    or the one-hot of its argmax with the soft vector's gradient (matches the one-hot replay actions)."""
+
+
+@dataclass
+class MADDPGSConfig(MADDPGConfig):
+    shuffle: Literal["batch", "row"] = "batch"
+    """One random agent permutation per update for the whole batch (PIC's ddpg_vec.py), or one per batch row."""
+
+
+class Actors(nn.Module):
+    """mu_i(o_i) of every agent of a group: the flat parameters of its action distribution."""
+
+    def __init__(self, spec: GroupSpec, hidden_dim: int, shared: bool):
+        super().__init__()
+        self.action_space = spec.action_space
+        out = spec.action_space.n if isinstance(spec.action_space, Discrete) else 2 * spec.action_space.dim
+        self.net = AgentMLP(spec.n_agents, spec.obs_dim, (hidden_dim, hidden_dim), out, shared)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs)
+
+
+class CentralQ(nn.Module):
+    """Per-agent centralised critics Q_i(x, a_1..a_N) and their target copies."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int, shared: bool):
+        super().__init__()
+        in_dim = n_agents * (obs_dim + act_dim)
+        self.q = AgentMLP(n_agents, in_dim, (hidden_dim, hidden_dim), 1, shared)
+        self.target_q = AgentMLP(n_agents, in_dim, (hidden_dim, hidden_dim), 1, shared)
+        self.target_q.load_state_dict(self.q.state_dict())
+        self.target_q.requires_grad_(False)
+
+    def forward(self, inputs: Tensor, target: bool = False) -> Tensor:
+        """Q_i on `critic_input` rows [B, N, N (O + A)] -> [B, N]."""
+        return (self.target_q if target else self.q)(inputs).squeeze(-1)
+
+
+def masked_logits(logits: Tensor, action_mask: Tensor | None) -> Tensor:
+    if action_mask is None:
+        return logits
+    return logits.masked_fill(~action_mask, torch.finfo(logits.dtype).min)
+
+
+def relaxed_sample(params: Tensor, action_space: ActionSpace, action_mask: Tensor | None = None,
+                   straight_through: bool = False) -> tuple[Tensor, Tensor]:
+    """The reference's action sample from flat parameters [.., P]: (env action, critic input [.., A]).
+
+    Discrete: soft = softmax(logits - log(-log u)) (SoftCategoricalPd.sample), the env action its
+    argmax; the critic input is `soft` (or straight-through one-hot). Box: mean + std * eps,
+    clipped for the environment, straight-through for the critic.
+    """
+    if isinstance(action_space, Discrete):
+        logits = masked_logits(params, action_mask)
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+        soft = torch.softmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+        action = soft.argmax(-1)
+        if straight_through:
+            return action, F.one_hot(action, soft.shape[-1]).to(soft.dtype) + (soft - soft.detach())
+        return action, soft
+    sample = box_distribution(params, action_space).sample()
+    return sample.action, sample.critic_input
+
+
+def box_distribution(params: Tensor, action_space: Box) -> Gaussian:
+    """DiagGaussianPd from flat (mean, log std), log std clamped; samples clipped straight-through."""
+    mean, log_std = params.chunk(2, dim=-1)
+    log_std = log_std.clamp(PolicyHead.LOG_STD_MIN, PolicyHead.LOG_STD_MAX)
+    return Gaussian(mean, log_std, action_space.low, action_space.high)
+
+
+def deterministic_action(params: Tensor, action_space: ActionSpace, action_mask: Tensor | None = None) -> Tensor:
+    """argmax of the logits (Discrete) or the clipped mean (Box)."""
+    if isinstance(action_space, Discrete):
+        return masked_logits(params, action_mask).argmax(-1)
+    return box_distribution(params, action_space).mode()
+
+
+def permute_agents(x: Tensor, perm: Tensor, dim: int = 1) -> Tensor:
+    """x with its agent axis `dim` reordered: slot k takes agent perm[k] (perm [N]) or perm[b, k] (perm [B, N])."""
+    if perm.dim() == 1:
+        return x.index_select(dim, perm)
+    shape = [x.shape[0]] + [1] * (dim - 1) + [x.shape[dim]] + [1] * (x.dim() - dim - 1)
+    return x.gather(dim, perm.view(shape).expand_as(x))
+
+
+def critic_input(obs: Tensor, actions: Tensor, perm: Tensor | None = None) -> Tensor:
+    """Rows x_i = (o, a) of every agent's critic, [B, N, N (O + A)], agents reordered by `perm`.
+
+    obs [B, N, O]; actions [B, N, A] (one joint action for all critics) or [B, N (critic), N, A]
+    (critic i's own joint action). The same permutation reorders observations and actions.
+    """
+    if perm is not None:
+        obs = permute_agents(obs, perm, 1)
+        actions = permute_agents(actions, perm, actions.dim() - 2)
+    if actions.dim() == 3:
+        return joint_input(obs, actions)
+    b, n = obs.shape[:2]
+    return torch.cat([obs.reshape(b, 1, -1).expand(b, n, -1), actions.reshape(b, n, -1)], dim=-1)
+
+
+def own_action_rows(replay: Tensor, fresh: Tensor) -> Tensor:
+    """[B, N (critic), N, A]: critic i sees the replay actions with agent i's replaced by its fresh one."""
+    n = replay.shape[1]
+    eye = torch.eye(n, dtype=torch.bool, device=replay.device).view(1, n, n, 1)
+    return torch.where(eye, fresh.unsqueeze(1), replay.unsqueeze(1))
+
+
+def clip_variables(module: nn.Module) -> Iterator[tuple[Tensor, bool]]:
+    """(parameter, per_agent) for every tensor of `module`: per_agent for batched per-agent weights,
+    whose agent slices are separate variables of the reference."""
+    for m in module.modules():
+        if isinstance(m, BatchedLinear):
+            yield from ((m.weight, True), (m.bias, True))
+        elif isinstance(m, nn.Linear):
+            yield from ((p, False) for p in m.parameters())
+
+
+@torch.no_grad()
+def clip_per_variable(variables: list[tuple[Tensor, bool]], max_norm: float) -> None:
+    """tf.clip_by_norm on every variable's gradient: g <- g * max_norm / max(|g|, max_norm)."""
+    for p, per_agent in variables:
+        if p.grad is None:
+            continue
+        g = p.grad
+        if per_agent:
+            norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
+        else:
+            norm = g.norm()
+        g.mul_(max_norm / norm.clamp(min=max_norm))
+
+
+@register("maddpg", "MADDPG (openai/maddpg): deterministic actors with Gumbel-softmax relaxed actions, "
+          "per-agent centralised critics over all observations and actions, target networks",
+          Capabilities(discrete=True, continuous=True))
+class MADDPG(Algorithm):
+    Config = MADDPGConfig
+
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MADDPGConfig, device="cpu"):
+        super().__init__(groups, state_dim, config, device)
+        shared = config.parameter_sharing
+        self.policy = nn.ModuleDict({g: Actors(spec, config.hidden_dim, shared) for g, spec in groups.items()})
+        self.target_policy = nn.ModuleDict({g: Actors(spec, config.hidden_dim, shared) for g, spec in groups.items()})
+        self.target_policy.load_state_dict(self.policy.state_dict())
+        self.target_policy.requires_grad_(False)
+        self.critics = nn.ModuleDict({
+            g: CentralQ(spec.n_agents, spec.obs_dim, action_dim(spec.action_space), config.hidden_dim, shared)
+            for g, spec in groups.items()})
+        self.to(self.device)
+        self.optimizers = {
+            "policy": adam(self.policy.parameters(), lr=config.lr),
+            "q": adam([p for c in self.critics.values() for p in c.q.parameters()], lr=config.lr),
+        }
+        self.clip = {"policy": list(clip_variables(self.policy)),
+                     "q": [v for c in self.critics.values() for v in clip_variables(c.q)]}
+
+    @torch.no_grad()
+    def act(self, obs, graph, *, explore, action_mask=None, state=None):
+        actions = {}
+        for g, spec in self.groups.items():
+            params, mask = self.policy[g](obs[g]), (action_mask or {}).get(g)
+            if explore:
+                actions[g] = relaxed_sample(params, spec.action_space, mask)[0]
+            else:
+                actions[g] = deterministic_action(params, spec.action_space, mask)
+        return actions
+
+    def _reduce(self, per_agent: Tensor) -> Tensor:
+        """Sum of the agents' losses (per-agent networks: each gets its own gradient), mean when shared."""
+        return per_agent.mean() if self.config.parameter_sharing else per_agent.sum()
+
+    def _sample(self, g: str, params: Tensor, mask: Tensor | None) -> Tensor:
+        straight = self.config.critic_action == "straight_through"
+        return relaxed_sample(params, self.groups[g].action_space, mask, straight)[1]
+
+    def step(self, name: str, loss: Tensor) -> None:
+        """Optimiser step with the reference's per-variable gradient clipping."""
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            clip_per_variable(self.clip[name], self.config.grad_clip)
+        optimizer.step()
+
+    def update(self, batch: Transition) -> dict[str, Tensor]:
+        # openai/maddpg agent.update: critic step, actor step, then both targets.
+        perms = {g: self.permutation_for(g, batch) for g in self.groups}
+        q_loss = sum(self._reduce(self.q_loss(g, batch, perms[g])) for g in self.groups)
+        self.step("q", q_loss)
+        terms = [self.policy_terms(g, batch, perms[g]) for g in self.groups]
+        policy_loss = sum(self._reduce(-q + self.config.policy_reg * reg) for q, reg in terms)
+        self.step("policy", policy_loss)
+        polyak(self.target_policy, self.policy, self.config.tau)
+        for critics in self.critics.values():
+            polyak(critics.target_q, critics.q, self.config.tau)
+        q_mean = torch.stack([q.mean() for q, _ in terms]).mean()
+        reg = torch.stack([r.mean() for _, r in terms]).mean()
+        return {"loss_q": q_loss.detach(), "loss_policy": policy_loss.detach(), "q": q_mean.detach(),
+                "policy_reg": reg.detach()}
+
+    def permutation_for(self, g: str, batch: Transition) -> Tensor | None:
+        """The agent permutation of this update's critic inputs: none for MADDPG (see MADDPGS)."""
+        return None
+
+    @torch.no_grad()
+    def q_target(self, g: str, batch: Transition, perm: Tensor | None = None) -> Tensor:
+        """y_i = r_i + gamma (1 - d) Qbar_i(x', a~'), a~'_k sampled from the target actors: [B, N]."""
+        next_actions = self._sample(g, self.target_policy[g](batch.next_obs[g]), batch.next_action_mask[g])
+        next_q = self.critics[g](critic_input(batch.next_obs[g], next_actions, perm), target=True)
+        not_done = (1.0 - batch.terminated.float()).unsqueeze(-1)
+        return batch.reward[g] + self.config.gamma * not_done * next_q
+
+    def q_loss(self, g: str, batch: Transition, perm: Tensor | None = None) -> Tensor:
+        """L_Q_i on the replayed joint action, mean over the batch: [N]."""
+        target = self.q_target(g, batch, perm)
+        replay = action_features(batch.action[g], self.groups[g].action_space)
+        q = self.critics[g](critic_input(batch.obs[g], replay, perm))
+        return (q - target).square().mean(0)
+
+    def policy_terms(self, g: str, batch: Transition, perm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(E_D Q_i(x, a_1, .., a~_i, .., a_N), E_D mean mu_i(o_i)^2), each [N]; L_mu_i = -first + policy_reg * second."""
+        params = self.policy[g](batch.obs[g])
+        fresh = self._sample(g, params, batch.action_mask[g])
+        replay = action_features(batch.action[g], self.groups[g].action_space)
+        inputs = critic_input(batch.obs[g], own_action_rows(replay, fresh), perm)
+        with frozen(self.critics[g]):  # the actor step takes gradients to the actions only
+            q = self.critics[g](inputs)
+        return q.mean(0), params.square().mean(dim=(0, 2))
+
+
+@register("maddpg_s", "MADDPG-S (001 App. B.1): MADDPG whose critics see the agents in a random order, "
+          "a fresh permutation of observations and actions every update",
+          Capabilities(discrete=True, continuous=True))
+class MADDPGS(MADDPG):
+    Config = MADDPGSConfig
+
+    def permutation_for(self, g: str, batch: Transition) -> Tensor:
+        """sigma [N] (shuffle="batch") or [B, N] (shuffle="row"), uniform over permutations."""
+        n = self.groups[g].n_agents
+        if self.config.shuffle == "batch":
+            return torch.randperm(n, device=self.device)
+        b = batch.obs[g].shape[0]
+        return torch.rand(b, n, device=self.device).argsort(dim=1)
