@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import vimarl
-from vimarl.algos.maddpg import (clip_per_variable, critic_input, own_action_rows,
-                                 permute_agents, relaxed_sample)
+from vimarl.algos.maddpg import clip_per_variable, critic_input, relaxed_sample, slot_index
 from vimarl.envs.base import Box, Discrete
 from vimarl.logging import read_metrics
 from vimarl.nn.centralized import BatchedLinear
@@ -39,7 +38,7 @@ def test_q_target_by_hand():
     algo, batch = spread_batch(gamma=0.9)
     obs2, n = batch.next_obs[G], algo.groups[G].n_agents
     torch.manual_seed(5)
-    y = algo.q_target(G, batch)
+    y = algo.q_target(batch)
     with torch.no_grad():
         torch.manual_seed(5)
         logits = algo.target_policy[G](obs2)
@@ -47,7 +46,7 @@ def test_q_target_by_hand():
         soft = torch.softmax(logits - torch.log(-torch.log(u)), dim=-1)  # SoftCategoricalPd.sample
         x = torch.cat([obs2.flatten(1), soft.flatten(1)], dim=-1)  # (o'_1..o'_N, a'_1..a'_N)
         for i in range(n):
-            q = per_agent_mlp(algo.critics[G].target_q, i, x).squeeze(-1)
+            q = per_agent_mlp(algo.critics.target_q[0], i, x).squeeze(-1)
             expected = batch.reward[G][:, i] + 0.9 * (1 - batch.terminated) * q
             assert torch.allclose(y[:, i], expected, atol=1e-6)
     assert torch.equal(y[:4], batch.reward[G][:4])  # terminal rows do not bootstrap
@@ -56,14 +55,14 @@ def test_q_target_by_hand():
 def test_q_loss_uses_replayed_one_hot_actions():
     algo, batch = spread_batch()
     torch.manual_seed(2)
-    loss = algo.q_loss(G, batch)
+    loss = algo.q_loss(batch)
     torch.manual_seed(2)
-    y = algo.q_target(G, batch)
+    y = algo.q_target(batch)
     with torch.no_grad():
         one_hot = torch.nn.functional.one_hot(batch.action[G], 5).float()
         x = torch.cat([batch.obs[G].flatten(1), one_hot.flatten(1)], dim=-1)
         for i in range(3):
-            q = per_agent_mlp(algo.critics[G].q, i, x).squeeze(-1)
+            q = per_agent_mlp(algo.critics.q[0], i, x).squeeze(-1)
             assert torch.allclose(loss[i], (q - y[:, i]).square().mean(), atol=1e-6)
 
 
@@ -71,26 +70,43 @@ def test_shuffle_permutes_obs_and_actions_consistently():
     b, n, o, a = 4, 3, 2, 5
     obs, actions = torch.randn(b, n, o), torch.randn(b, n, a)
     perm = torch.tensor([2, 0, 1])
-    rows = critic_input(obs, actions, perm)
+    rows = critic_input([obs], [actions], [perm])
     expected = torch.cat([obs[:, [2, 0, 1]].flatten(1), actions[:, [2, 0, 1]].flatten(1)], dim=-1)
     assert torch.equal(rows, expected.unsqueeze(1).expand(b, n, -1))
     # one permutation per batch row
     row_perm = torch.stack([torch.randperm(n) for _ in range(b)])
-    rows = critic_input(obs, actions, row_perm)
+    rows = critic_input([obs], [actions], [row_perm])
     for r in range(b):
         p = row_perm[r]
         expected = torch.cat([obs[r, p].flatten(), actions[r, p].flatten()])
         assert torch.equal(rows[r], expected.expand(n, -1))
-    # per-critic joint actions (actor loss): slots of every critic's row move together
+    # per-critic joint actions (actor loss): critic i sees agent i's fresh action, the others' replayed
     fresh = torch.randn(b, n, a)
-    own = own_action_rows(actions, fresh)
+    own = critic_input([obs], [actions], fresh=[fresh])[..., n * o:].unflatten(-1, (n, a))  # [B, critic, slot, A]
     for i in range(n):
         assert torch.equal(own[:, i, i], fresh[:, i])
         assert all(torch.equal(own[:, i, j], actions[:, j]) for j in range(n) if j != i)
-    rows = critic_input(obs, own, perm)
+    # ... and the slots of every critic's row move together, row i staying agent i's critic
+    rows = critic_input([obs], [actions], [perm], fresh=[fresh])
     for i in range(n):
         assert torch.equal(rows[:, i], torch.cat([obs[:, perm].flatten(1), own[:, i, perm].flatten(1)], dim=-1))
-    assert torch.equal(permute_agents(own, row_perm, 2)[1, 0], own[1, 0, row_perm[1]])
+    rows = critic_input([obs], [actions], [row_perm], fresh=[fresh])
+    for r in range(b):
+        for i in range(n):
+            p = row_perm[r]
+            assert torch.equal(rows[r, i], torch.cat([obs[r, p].flatten(), own[r, i, p].flatten()]))
+
+
+def test_shuffle_stays_within_each_group():
+    b = 3
+    obs = [torch.randn(b, 2, 3), torch.randn(b, 3, 1)]
+    actions = [torch.randn(b, 2, 2), torch.randn(b, 3, 4)]
+    perms = [torch.tensor([1, 0]), torch.tensor([2, 0, 1])]
+    rows = critic_input(obs, actions, perms)
+    expected = torch.cat([obs[0][:, perms[0]].flatten(1), obs[1][:, perms[1]].flatten(1),
+                          actions[0][:, perms[0]].flatten(1), actions[1][:, perms[1]].flatten(1)], dim=-1)
+    assert rows.shape == (b, 5, expected.shape[1]) and torch.equal(rows, expected.unsqueeze(1).expand(b, 5, -1))
+    assert slot_index([(2, 3), (3, 1)], perms).tolist() == [3, 4, 5, 0, 1, 2, 6 + 2, 6 + 0, 6 + 1]
 
 
 def test_shuffle_leaves_a_permutation_invariant_critic_unchanged():
@@ -103,10 +119,10 @@ def test_shuffle_leaves_a_permutation_invariant_critic_unchanged():
         pairs = torch.cat([obs_part.unflatten(-1, (n, o)), act_part.unflatten(-1, (n, a))], dim=-1)
         return net(pairs).sum((-1, -2))
 
-    plain = invariant_critic(critic_input(obs, actions))
-    shuffled = invariant_critic(critic_input(obs, actions, torch.randperm(n)))
-    per_row = invariant_critic(critic_input(obs, actions, torch.rand(b, n).argsort(1)))
-    assert not torch.equal(critic_input(obs, actions), critic_input(obs, actions, torch.tensor([1, 0, 2, 3])))
+    plain = invariant_critic(critic_input([obs], [actions]))
+    shuffled = invariant_critic(critic_input([obs], [actions], [torch.randperm(n)]))
+    per_row = invariant_critic(critic_input([obs], [actions], [torch.rand(b, n).argsort(1)]))
+    assert not torch.equal(critic_input([obs], [actions]), critic_input([obs], [actions], [torch.tensor([1, 0, 2, 3])]))
     assert torch.allclose(plain, shuffled, atol=1e-6) and torch.allclose(plain, per_row, atol=1e-6)
 
 
@@ -116,10 +132,11 @@ def test_maddpg_s_draws_a_fresh_permutation_every_update(shuffle, monkeypatch):
     seen = []
     original = type(algo).permutation_for
 
-    def record(self, g, batch):
-        perm = original(self, g, batch)
-        seen.append(perm)
-        return perm
+    def record(self, batch):
+        perms = original(self, batch)
+        assert len(perms) == 1  # one group
+        seen.append(perms[0])
+        return perms
 
     monkeypatch.setattr(type(algo), "permutation_for", record)
     for _ in range(4):
@@ -131,17 +148,17 @@ def test_maddpg_s_draws_a_fresh_permutation_every_update(shuffle, monkeypatch):
     # the permutation reaches the critic: a fixed sigma != identity changes Q_i's target
     sigma = torch.tensor([1, 2, 0])
     torch.manual_seed(0)
-    permuted = algo.q_target(G, batch, sigma)
+    permuted = algo.q_target(batch, [sigma])
     torch.manual_seed(0)
-    assert not torch.allclose(permuted, algo.q_target(G, batch))
+    assert not torch.allclose(permuted, algo.q_target(batch))
 
 
 @pytest.mark.parametrize("sharing", [False, True])
 def test_actor_gradient_flows_through_the_critic_only_to_its_own_agent(sharing):
     algo, batch = spread_batch(parameter_sharing=sharing)
-    q, reg = algo.policy_terms(G, batch)
+    q, reg = algo.policy_terms(batch)
     q[0].backward()  # agent 0's critic value
-    assert all(p.grad is None for p in algo.critics[G].parameters())
+    assert all(p.grad is None for p in algo.critics.parameters())
     grads = [p.grad for p in algo.policy[G].parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     if not sharing:  # other agents' actions come from replay: only agent 0's actor gets a gradient
@@ -155,8 +172,8 @@ def test_policy_loss_is_minus_q_plus_the_logit_regulariser():
     torch.manual_seed(7)
     metrics = algo.update(batch)
     torch.manual_seed(7)
-    algo.q_loss(G, batch)  # the same random draws as the update's critic step
-    q, reg = algo.policy_terms(G, batch)
+    algo.q_loss(batch)  # the same random draws as the update's critic step
+    q, reg = algo.policy_terms(batch)
     assert torch.allclose(reg, logits.square().mean(dim=(0, 2)))
     expected = (-q + 1e-3 * logits.square().mean(dim=(0, 2))).sum()
     assert torch.allclose(metrics["loss_policy"], expected, atol=1e-6)
@@ -179,11 +196,11 @@ def test_per_variable_clipping_helper():
 @pytest.mark.parametrize("sharing", [False, True])
 def test_optimizer_step_clips_every_variable(sharing):
     algo, batch = spread_batch(parameter_sharing=sharing)
-    for name, module in (("policy", algo.policy), ("q", torch.nn.ModuleList(c.q for c in algo.critics.values()))):
+    for name, module in (("policy", algo.policy), ("q", algo.critics.q)):
         variables = algo.clip[name]
         assert {id(p) for p, _ in variables} == {id(p) for p in module.parameters()}
         assert all(per_agent != sharing for _, per_agent in variables)
-    q, reg = algo.policy_terms(G, batch)
+    q, reg = algo.policy_terms(batch)
     algo.step("policy", -1e4 * q.sum())  # a huge loss: every gradient is over the clip
     for p, per_agent in algo.clip["policy"]:
         norms = p.grad.flatten(1).norm(dim=1) if per_agent else p.grad.norm().view(1)
@@ -200,8 +217,8 @@ def test_both_sharing_modes_update(name, sharing):
     after = algo.state_dict()
     assert not torch.equal(before["policy.agents.net.net.0.weight"], after["policy.agents.net.net.0.weight"])
     # targets moved by tau = 0.01 toward the new critic
-    key = "critics.agents.q.net.0.weight"
-    target = "critics.agents.target_q.net.0.weight"
+    key = "critics.q.0.net.0.weight"
+    target = "critics.target_q.0.net.0.weight"
     assert torch.allclose(after[target], 0.99 * before[target] + 0.01 * after[key], atol=1e-6)
 
 

@@ -69,7 +69,7 @@ def hand_q(w, b, a):
 
 def test_q_target_is_eq7_with_target_policies_and_twin_minimum():
     algo = tiny(gamma=0.9, alpha=0.1)
-    critics = algo.critics["agents"]
+    critics = algo.critics
     set_q(critics.target_q[0], A1_IS_1, *TWIN1)  # both agents' target Q read agent 1's action
     set_q(critics.target_q[1], A1_IS_1, *TWIN2)
     set_logits(algo.target_policy["agents"], [[0.0, math.log(3.0)], [0.0, 0.0]])  # p_1 = (1/4, 3/4), p_2 = (1/2, 1/2)
@@ -78,7 +78,7 @@ def test_q_target_is_eq7_with_target_policies_and_twin_minimum():
     torch.manual_seed(3)
     a1 = algo.target_policy["agents"](batch.next_obs["agents"]).sample().action[:, 0].float()
     torch.manual_seed(3)
-    y = algo.q_target("agents", batch)
+    y = algo.q_target(batch)
     assert 0 < a1.sum() < 64  # both of agent 1's actions occur
 
     log_pi = torch.tensor([0.25 * math.log(0.25) + 0.75 * math.log(0.75), math.log(0.5)])  # E[log pi_i]
@@ -94,25 +94,25 @@ def test_q_target_is_eq7_with_target_policies_and_twin_minimum():
     # The current policy (untouched random init) is not what samples a' by default; next_actions="current" uses it.
     torch.manual_seed(3)
     algo.config.next_actions = "current"
-    assert not torch.allclose(algo.q_target("agents", batch), y)
+    assert not torch.allclose(algo.q_target(batch), y)
 
 
 def test_q_loss_is_eq8_for_both_twins_on_the_stored_joint_action():
     algo = tiny(gamma=0.9)
     batch = batch_of(16)
     torch.manual_seed(5)
-    y = algo.q_target("agents", batch)
+    y = algo.q_target(batch)
     stored = torch.nn.functional.one_hot(batch.action["agents"], 2).float()
     inputs = joint_input(batch.obs["agents"], stored)
     with torch.no_grad():
-        expected = sum((q(inputs).squeeze(-1) - y).square().mean() for q in algo.critics["agents"].q)
+        expected = sum((q(inputs).squeeze(-1) - y).square().mean() for q in algo.critics.q)
     torch.manual_seed(5)
-    assert torch.allclose(algo.q_loss("agents", batch), expected, atol=1e-6)
+    assert torch.allclose(algo.q_loss(batch), expected, atol=1e-6)
 
 
 def test_actor_loss_is_eq9_with_current_actions_of_all_agents_and_twin_minimum():
     algo = tiny(alpha=0.2)
-    critics = algo.critics["agents"]
+    critics = algo.critics
     set_q(critics.q[0], A2_IS_1, *TWIN1)  # both Q_i read agent 2's action
     set_q(critics.q[1], A2_IS_1, *TWIN2)
     batch = batch_of(64)
@@ -129,7 +129,7 @@ def test_actor_loss_is_eq9_with_current_actions_of_all_agents_and_twin_minimum()
         log_pi = -distribution.entropy()
         expected = (0.2 * log_pi - q_min).mean()
     torch.manual_seed(7)
-    loss, entropy = algo.policy_loss("agents", batch)
+    loss, entropy = algo.policy_loss(batch)
     assert torch.allclose(loss, expected, atol=1e-6)
     assert not torch.allclose(loss, (0.2 * log_pi - q_first).mean(), atol=1e-3)
     assert torch.allclose(entropy, -log_pi.mean(), atol=1e-6)
@@ -142,9 +142,9 @@ def test_losses_are_linear_in_alpha():
     for alpha in (0.1, 0.2, 0.4):
         algo.alpha("agents").fill_(alpha)
         torch.manual_seed(11)
-        y = algo.q_target("agents", batch)
+        y = algo.q_target(batch)
         torch.manual_seed(11)
-        loss, _ = algo.policy_loss("agents", batch)
+        loss, _ = algo.policy_loss(batch)
         values.append((y, loss.detach()))
     (y1, l1), (y2, l2), (y4, l4) = values
     assert torch.allclose(y4 - y1, 3 * (y2 - y1), atol=1e-5) and not torch.allclose(y2, y1)
@@ -154,11 +154,11 @@ def test_losses_are_linear_in_alpha():
 @pytest.mark.parametrize("others_action_gradient", [False, True])
 def test_actor_gradient_reaches_other_agents_only_when_switched_on(others_action_gradient):
     algo = tiny(alpha=0.0, others_action_gradient=others_action_gradient)
-    critics = algo.critics["agents"]
+    critics = algo.critics
     # Q_1 is constant, Q_2 reads agent 1's action: agent 1's policy can learn only through Q_2.
     for twin, (w, b) in zip(critics.q, (TWIN1, TWIN2)):
         set_q(twin, A1_IS_1, [0.0, w[1]], b)
-    loss, _ = algo.policy_loss("agents", batch_of(64))
+    loss, _ = algo.policy_loss(batch_of(64))
     loss.backward()
     grad = algo.policy["agents"].net.net[0].weight.grad  # [N, obs, hidden]
     assert torch.isfinite(grad).all()
@@ -194,7 +194,7 @@ def test_shared_networks_tell_agents_apart_by_id():
     obs = torch.ones(1, N, OBS)  # identical observations
     logits = algo.policy["agents"](obs).logits
     assert not torch.allclose(logits[0, 0], logits[0, 1])
-    q = algo.critics["agents"].min_value(joint_input(obs, torch.ones(1, N, 2)))
+    q = algo.critics.min_value(joint_input(obs, torch.ones(1, N, 2)))
     assert not torch.allclose(q[0, 0], q[0, 1])
     assert sum(p.numel() for p in algo.policy.parameters()) < sum(
         p.numel() for p in MASAC(SPEC, 0, MASACConfig()).policy.parameters())
@@ -203,14 +203,14 @@ def test_shared_networks_tell_agents_apart_by_id():
 def test_target_networks_follow_polyak():
     algo = tiny(tau=0.25)
     target_policy = {k: v.clone() for k, v in algo.target_policy.state_dict().items()}
-    target_q = {k: v.clone() for k, v in algo.critics["agents"].target_q.state_dict().items()}
+    target_q = {k: v.clone() for k, v in algo.critics.target_q.state_dict().items()}
     algo.update(batch_of(16))
     for name, old in target_policy.items():
         expected = 0.75 * old + 0.25 * algo.policy.state_dict()[name]
         assert torch.allclose(algo.target_policy.state_dict()[name], expected, atol=1e-6)
     for name, old in target_q.items():
-        expected = 0.75 * old + 0.25 * algo.critics["agents"].q.state_dict()[name]
-        assert torch.allclose(algo.critics["agents"].target_q.state_dict()[name], expected, atol=1e-6)
+        expected = 0.75 * old + 0.25 * algo.critics.q.state_dict()[name]
+        assert torch.allclose(algo.critics.target_q.state_dict()[name], expected, atol=1e-6)
 
 
 # spread (mpe2 simple_spread_v3, N = 3) in about 40 s on one CPU thread: 10k env steps, one update

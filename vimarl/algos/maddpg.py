@@ -3,7 +3,8 @@
 Every agent i has a deterministic actor mu_i(o_i) whose output is the flat parameter of an action
 distribution (logits for Discrete, (mean, log std) for Box), and a centralised critic
 Q_i(x, a_1, ..., a_N) over x = (o_1, ..., o_N) and every agent's action (`maddpg/trainer/maddpg.py`,
-`q_train` / `p_train`). With bars marking target networks and one batch D shared by all agents:
+`q_train` / `p_train`), the agents of all controlled groups (e.g. speaker and listener; x is all
+groups' observations then all their actions, groups in order, `joint_input`). With bars marking target networks and one batch D shared by all agents:
 
     a~_k(u)  = softmax(mu_k(o_k) - log(-log u)),  u ~ U(0, 1)      relaxed Gumbel-softmax sample,
                                                                     temperature 1 (SoftCategoricalPd)
@@ -36,6 +37,8 @@ Actions (ALGO_SPECS §5.4, §6.1):
   the clipped mean (Box).
 
 Differences from the reference, by design:
+- Actors are per group (their observation and action sizes differ), the critics one set over all
+  N controlled agents of all groups, r_i concatenated in group order.
 - All agents update at once, batched (no Python loop over agents), on one batch: the reference
   updates agent after agent on the same indices, so agent j > i's look-ahead already uses agent
   i's freshly moved target actor; here every look-ahead uses the targets from before the update.
@@ -43,8 +46,8 @@ Differences from the reference, by design:
 - Per-agent networks (parameter_sharing=False, the reference) are batched `AgentMLP`s whose losses
   are summed over agents, so each agent's parameters get exactly the reference's gradient, and
   per-variable clipping clips each agent's slice of a batched tensor separately. With
-  parameter_sharing=True (for large N, ALGO_SPECS §6.4) one actor and one critic read a one-hot
-  agent id; their losses are averaged over agents and each shared tensor is clipped as a whole.
+  parameter_sharing=True (for large N, ALGO_SPECS §6.4) one actor per group and one critic for
+  all controlled agents read a one-hot agent id; their losses are averaged over agents and each shared tensor is clipped as a whole.
 - Initialisation is torch's nn.Linear default (in `BatchedLinear` too), not TF's Glorot-uniform
   weights with zero biases of tf.contrib.layers.fully_connected.
 - Trainer settings of the reference (an update every 100 env steps, learning starts after
@@ -53,7 +56,9 @@ Differences from the reference, by design:
 
 MADDPG-S (001 App. B.1: "shuffle the agents' observations and actions in training batch", after
 Liu et al. 2019; footnote 7: the operation does not change the actions themselves): every update
-draws a uniformly random permutation sigma of the agents and builds every critic input as
+draws a uniformly random permutation sigma of the agents of each group (groups with different
+observation or action sizes cannot trade slots, so with several groups the shuffle stays within
+each group's block of the critic input) and builds every critic input as
 x_sigma = (o_sigma(1), ..., o_sigma(N), a_sigma(1), ..., a_sigma(N)), the same sigma for the
 observations and the actions, for x and x' alike, in the critic and the actor losses. By default
 one sigma per update for the whole batch, as PIC's code does (`ddpg_vec.py`,
@@ -67,7 +72,7 @@ critic can no longer use is the slot order of the other agents.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,8 +83,9 @@ from torch import Tensor, nn
 from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import ActionSpace, Box, Discrete, GroupSpec
-from vimarl.nn.centralized import AgentMLP, BatchedLinear, joint_input
-from vimarl.nn.distributions import Gaussian, PolicyHead, action_dim, action_features
+from vimarl.nn.centralized import (ActionParams, BatchedLinear, CentralQ, joint_input, policies_with_targets,
+                                   td_target)
+from vimarl.nn.distributions import Gaussian, PolicyHead, action_features
 
 
 @dataclass
@@ -98,8 +104,8 @@ class MADDPGConfig:
     """Weight of the mean square of the actor's flat output (logits, or mean and log std) in the
     actor loss (p_train: loss = pg_loss + p_reg * 1e-3)."""
     parameter_sharing: bool = False
-    """One actor and one critic shared by the agents of a group, reading a one-hot agent id (for
-    large N, ALGO_SPECS §6.4), or one network per agent (the reference)."""
+    """One actor per group shared by its agents and one critic shared by all controlled agents, each
+    reading a one-hot agent id (for large N, ALGO_SPECS §6.4), or one network per agent (the reference)."""
     critic_action: Literal["soft", "straight_through"] = "soft"
     """Sampled discrete actions as critic inputs: the relaxed Gumbel-softmax vector (the reference),
     or the one-hot of its argmax with the soft vector's gradient (matches the one-hot replay actions)."""
@@ -108,36 +114,7 @@ class MADDPGConfig:
 @dataclass
 class MADDPGSConfig(MADDPGConfig):
     shuffle: Literal["batch", "row"] = "batch"
-    """One random agent permutation per update for the whole batch (PIC's ddpg_vec.py), or one per batch row."""
-
-
-class Actors(nn.Module):
-    """mu_i(o_i) of every agent of a group: the flat parameters of its action distribution."""
-
-    def __init__(self, spec: GroupSpec, hidden_dim: int, shared: bool):
-        super().__init__()
-        self.action_space = spec.action_space
-        out = spec.action_space.n if isinstance(spec.action_space, Discrete) else 2 * spec.action_space.dim
-        self.net = AgentMLP(spec.n_agents, spec.obs_dim, (hidden_dim, hidden_dim), out, shared)
-
-    def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs)
-
-
-class CentralQ(nn.Module):
-    """Per-agent centralised critics Q_i(x, a_1..a_N) and their target copies."""
-
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int, shared: bool):
-        super().__init__()
-        in_dim = n_agents * (obs_dim + act_dim)
-        self.q = AgentMLP(n_agents, in_dim, (hidden_dim, hidden_dim), 1, shared)
-        self.target_q = AgentMLP(n_agents, in_dim, (hidden_dim, hidden_dim), 1, shared)
-        self.target_q.load_state_dict(self.q.state_dict())
-        self.target_q.requires_grad_(False)
-
-    def forward(self, inputs: Tensor, target: bool = False) -> Tensor:
-        """Q_i on `critic_input` rows [B, N, N (O + A)] -> [B, N]."""
-        return (self.target_q if target else self.q)(inputs).squeeze(-1)
+    """One random agent permutation (per group) per update for the whole batch (PIC's ddpg_vec.py), or one per batch row."""
 
 
 def masked_logits(logits: Tensor, action_mask: Tensor | None) -> Tensor:
@@ -180,34 +157,39 @@ def deterministic_action(params: Tensor, action_space: ActionSpace, action_mask:
     return box_distribution(params, action_space).mode()
 
 
-def permute_agents(x: Tensor, perm: Tensor, dim: int = 1) -> Tensor:
-    """x with its agent axis `dim` reordered: slot k takes agent perm[k] (perm [N]) or perm[b, k] (perm [B, N])."""
-    if perm.dim() == 1:
-        return x.index_select(dim, perm)
-    shape = [x.shape[0]] + [1] * (dim - 1) + [x.shape[dim]] + [1] * (x.dim() - dim - 1)
-    return x.gather(dim, perm.view(shape).expand_as(x))
+def slot_index(segments: Sequence[tuple[int, int]], perms: Sequence[Tensor]) -> Tensor:
+    """Column index that moves agent perm[k] of each segment into slot k: [D], or [B, D] for perms [B, N_g].
 
-
-def critic_input(obs: Tensor, actions: Tensor, perm: Tensor | None = None) -> Tensor:
-    """Rows x_i = (o, a) of every agent's critic, [B, N, N (O + A)], agents reordered by `perm`.
-
-    obs [B, N, O]; actions [B, N, A] (one joint action for all critics) or [B, N (critic), N, A]
-    (critic i's own joint action). The same permutation reorders observations and actions.
+    segments: (N_g, width_g) of each block of a row, in column order; perms: one per segment.
     """
-    if perm is not None:
-        obs = permute_agents(obs, perm, 1)
-        actions = permute_agents(actions, perm, actions.dim() - 2)
-    if actions.dim() == 3:
-        return joint_input(obs, actions)
-    b, n = obs.shape[:2]
-    return torch.cat([obs.reshape(b, 1, -1).expand(b, n, -1), actions.reshape(b, n, -1)], dim=-1)
+    parts, offset = [], 0
+    for (n, width), perm in zip(segments, perms):
+        within = perm.unsqueeze(-1) * width + torch.arange(width, device=perm.device)
+        parts.append(offset + within.flatten(-2))
+        offset += n * width
+    if any(p.dim() == 2 for p in parts):
+        b = max(p.shape[0] for p in parts if p.dim() == 2)
+        parts = [p.expand(b, -1) for p in parts]
+    return torch.cat(parts, dim=-1)
 
 
-def own_action_rows(replay: Tensor, fresh: Tensor) -> Tensor:
-    """[B, N (critic), N, A]: critic i sees the replay actions with agent i's replaced by its fresh one."""
-    n = replay.shape[1]
-    eye = torch.eye(n, dtype=torch.bool, device=replay.device).view(1, n, n, 1)
-    return torch.where(eye, fresh.unsqueeze(1), replay.unsqueeze(1))
+def critic_input(obs: Sequence[Tensor], actions: Sequence[Tensor], perms: Sequence[Tensor] | None = None,
+                 fresh: Sequence[Tensor] | None = None) -> Tensor:
+    """Rows x_i = (o, a) of every controlled agent's critic, [B, N, D] (`joint_input`), per group lists.
+
+    With `fresh`, critic i sees agent i's action from `fresh` and the others' from `actions`
+    (the actor loss). With `perms` (one [N_g] or [B, N_g] per group), the agents of every group
+    trade slots, slot k taking agent perm_g[k]: the same permutation for the observations and
+    the actions, and row i stays agent i's critic.
+    """
+    rows = joint_input(obs, actions, own_actions=fresh)
+    if perms is None:
+        return rows
+    segments = [(o.shape[1], o.shape[2]) for o in obs] + [(a.shape[1], a.shape[2]) for a in actions]
+    index = slot_index(segments, [*perms, *perms])
+    if index.dim() == 1:
+        return rows.index_select(-1, index)
+    return rows.gather(-1, index.unsqueeze(1).expand_as(rows))
 
 
 def clip_variables(module: nn.Module) -> Iterator[tuple[Tensor, bool]]:
@@ -236,27 +218,19 @@ def clip_per_variable(variables: list[tuple[Tensor, bool]], max_norm: float) -> 
 
 @register("maddpg", "MADDPG (openai/maddpg): deterministic actors with Gumbel-softmax relaxed actions, "
           "per-agent centralised critics over all observations and actions, target networks",
-          Capabilities(discrete=True, continuous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class MADDPG(Algorithm):
     Config = MADDPGConfig
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MADDPGConfig, device="cpu"):
         super().__init__(groups, state_dim, config, device)
-        shared = config.parameter_sharing
-        self.policy = nn.ModuleDict({g: Actors(spec, config.hidden_dim, shared) for g, spec in groups.items()})
-        self.target_policy = nn.ModuleDict({g: Actors(spec, config.hidden_dim, shared) for g, spec in groups.items()})
-        self.target_policy.load_state_dict(self.policy.state_dict())
-        self.target_policy.requires_grad_(False)
-        self.critics = nn.ModuleDict({
-            g: CentralQ(spec.n_agents, spec.obs_dim, action_dim(spec.action_space), config.hidden_dim, shared)
-            for g, spec in groups.items()})
+        shared, hidden = config.parameter_sharing, config.hidden_dim
+        self.policy, self.target_policy = policies_with_targets(groups, lambda s: ActionParams(s, hidden, shared))
+        self.critics = CentralQ(groups, (hidden, hidden), shared)  # Q_i of every controlled agent
         self.to(self.device)
-        self.optimizers = {
-            "policy": adam(self.policy.parameters(), lr=config.lr),
-            "q": adam([p for c in self.critics.values() for p in c.q.parameters()], lr=config.lr),
-        }
-        self.clip = {"policy": list(clip_variables(self.policy)),
-                     "q": [v for c in self.critics.values() for v in clip_variables(c.q)]}
+        self.optimizers = {"policy": adam(self.policy.parameters(), lr=config.lr),
+                           "q": adam(self.critics.q.parameters(), lr=config.lr)}
+        self.clip = {"policy": list(clip_variables(self.policy)), "q": list(clip_variables(self.critics.q))}
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
@@ -273,9 +247,14 @@ class MADDPG(Algorithm):
         """Sum of the agents' losses (per-agent networks: each gets its own gradient), mean when shared."""
         return per_agent.mean() if self.config.parameter_sharing else per_agent.sum()
 
-    def _sample(self, g: str, params: Tensor, mask: Tensor | None) -> Tensor:
+    def _samples(self, params: dict[str, Tensor], masks: dict[str, Tensor | None]) -> list[Tensor]:
+        """Critic inputs of relaxed samples a~_k from every group's actor outputs, groups in order."""
         straight = self.config.critic_action == "straight_through"
-        return relaxed_sample(params, self.groups[g].action_space, mask, straight)[1]
+        return [relaxed_sample(params[g], spec.action_space, masks[g], straight)[1] for g, spec in self.groups.items()]
+
+    def _replay(self, batch: Transition) -> list[Tensor]:
+        """The replayed actions as critic inputs (one-hot for Discrete), groups in order."""
+        return [action_features(batch.action[g], spec.action_space) for g, spec in self.groups.items()]
 
     def step(self, name: str, loss: Tensor) -> None:
         """Optimiser step with the reference's per-variable gradient clipping."""
@@ -288,60 +267,59 @@ class MADDPG(Algorithm):
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         # openai/maddpg agent.update: critic step, actor step, then both targets.
-        perms = {g: self.permutation_for(g, batch) for g in self.groups}
-        q_loss = sum(self._reduce(self.q_loss(g, batch, perms[g])) for g in self.groups)
+        perms = self.permutation_for(batch)
+        q_loss = self._reduce(self.q_loss(batch, perms))
         self.step("q", q_loss)
-        terms = [self.policy_terms(g, batch, perms[g]) for g in self.groups]
-        policy_loss = sum(self._reduce(-q + self.config.policy_reg * reg) for q, reg in terms)
+        q, reg = self.policy_terms(batch, perms)
+        policy_loss = self._reduce(-q + self.config.policy_reg * reg)
         self.step("policy", policy_loss)
         polyak(self.target_policy, self.policy, self.config.tau)
-        for critics in self.critics.values():
-            polyak(critics.target_q, critics.q, self.config.tau)
-        q_mean = torch.stack([q.mean() for q, _ in terms]).mean()
-        reg = torch.stack([r.mean() for _, r in terms]).mean()
-        return {"loss_q": q_loss.detach(), "loss_policy": policy_loss.detach(), "q": q_mean.detach(),
-                "policy_reg": reg.detach()}
+        polyak(self.critics.target_q, self.critics.q, self.config.tau)
+        return {"loss_q": q_loss.detach(), "loss_policy": policy_loss.detach(), "q": q.mean().detach(),
+                "policy_reg": reg.mean().detach()}
 
-    def permutation_for(self, g: str, batch: Transition) -> Tensor | None:
-        """The agent permutation of this update's critic inputs: none for MADDPG (see MADDPGS)."""
+    def permutation_for(self, batch: Transition) -> list[Tensor] | None:
+        """The per-group agent permutations of this update's critic inputs: none for MADDPG (see MADDPGS)."""
         return None
 
     @torch.no_grad()
-    def q_target(self, g: str, batch: Transition, perm: Tensor | None = None) -> Tensor:
+    def q_target(self, batch: Transition, perms: list[Tensor] | None = None) -> Tensor:
         """y_i = r_i + gamma (1 - d) Qbar_i(x', a~'), a~'_k sampled from the target actors: [B, N]."""
-        next_actions = self._sample(g, self.target_policy[g](batch.next_obs[g]), batch.next_action_mask[g])
-        next_q = self.critics[g](critic_input(batch.next_obs[g], next_actions, perm), target=True)
-        not_done = (1.0 - batch.terminated.float()).unsqueeze(-1)
-        return batch.reward[g] + self.config.gamma * not_done * next_q
+        next_params = {g: self.target_policy[g](batch.next_obs[g]) for g in self.groups}
+        next_actions = self._samples(next_params, batch.next_action_mask)
+        next_obs = [batch.next_obs[g] for g in self.groups]
+        next_q, = self.critics.values(critic_input(next_obs, next_actions, perms), target=True)
+        return td_target(batch.reward, batch.terminated, self.config.gamma, next_q)
 
-    def q_loss(self, g: str, batch: Transition, perm: Tensor | None = None) -> Tensor:
+    def q_loss(self, batch: Transition, perms: list[Tensor] | None = None) -> Tensor:
         """L_Q_i on the replayed joint action, mean over the batch: [N]."""
-        target = self.q_target(g, batch, perm)
-        replay = action_features(batch.action[g], self.groups[g].action_space)
-        q = self.critics[g](critic_input(batch.obs[g], replay, perm))
+        target = self.q_target(batch, perms)
+        q, = self.critics.values(critic_input([batch.obs[g] for g in self.groups], self._replay(batch), perms))
         return (q - target).square().mean(0)
 
-    def policy_terms(self, g: str, batch: Transition, perm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def policy_terms(self, batch: Transition, perms: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(E_D Q_i(x, a_1, .., a~_i, .., a_N), E_D mean mu_i(o_i)^2), each [N]; L_mu_i = -first + policy_reg * second."""
-        params = self.policy[g](batch.obs[g])
-        fresh = self._sample(g, params, batch.action_mask[g])
-        replay = action_features(batch.action[g], self.groups[g].action_space)
-        inputs = critic_input(batch.obs[g], own_action_rows(replay, fresh), perm)
-        with frozen(self.critics[g]):  # the actor step takes gradients to the actions only
-            q = self.critics[g](inputs)
-        return q.mean(0), params.square().mean(dim=(0, 2))
+        params = {g: self.policy[g](batch.obs[g]) for g in self.groups}
+        fresh = self._samples(params, batch.action_mask)
+        inputs = critic_input([batch.obs[g] for g in self.groups], self._replay(batch), perms, fresh=fresh)
+        with frozen(self.critics):  # the actor step takes gradients to the actions only
+            q, = self.critics.values(inputs)
+        reg = torch.cat([p.square().mean(dim=(0, 2)) for p in params.values()])
+        return q.mean(0), reg
 
 
 @register("maddpg_s", "MADDPG-S (001 App. B.1): MADDPG whose critics see the agents in a random order, "
           "a fresh permutation of observations and actions every update",
-          Capabilities(discrete=True, continuous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class MADDPGS(MADDPG):
     Config = MADDPGSConfig
 
-    def permutation_for(self, g: str, batch: Transition) -> Tensor:
-        """sigma [N] (shuffle="batch") or [B, N] (shuffle="row"), uniform over permutations."""
-        n = self.groups[g].n_agents
-        if self.config.shuffle == "batch":
-            return torch.randperm(n, device=self.device)
-        b = batch.obs[g].shape[0]
-        return torch.rand(b, n, device=self.device).argsort(dim=1)
+    def permutation_for(self, batch: Transition) -> list[Tensor]:
+        """sigma_g [N_g] (shuffle="batch") or [B, N_g] (shuffle="row") of every group, uniform over permutations."""
+        perms = []
+        for g, spec in self.groups.items():
+            if self.config.shuffle == "batch":
+                perms.append(torch.randperm(spec.n_agents, device=self.device))
+            else:
+                perms.append(torch.rand(batch.obs[g].shape[0], spec.n_agents, device=self.device).argsort(dim=1))
+        return perms

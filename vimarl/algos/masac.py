@@ -10,8 +10,9 @@ centralised per-agent critic over the joint action (Eq. 6-7) this gives:
     E_Q_i    = E_D[ (Q_i^j(x, a) - y_i)^2 ]  for both twins j                    (Eq. 8)
     E_pi_i   = E_{x~D} E_{a~pi}[ alpha_i log pi_i(a_i | o_i) - min_j Q_i^j(x, a) ]  (Eq. 9)
 
-where x = (o_1, ..., o_N) is every agent's observation (agent order), a = (a_1, ..., a_N) the
-joint action, Q_i^1, Q_i^2 are the twin sub-networks whose minimum is the Q value (Sec. 4, after
+where x = (o_1, ..., o_N) is every controlled agent's observation and a = (a_1, ..., a_N) the
+joint action (Sec. 4: Q_i(x, a) over every agent; with several groups, e.g. speaker and listener,
+all groups' observations then all their actions, groups in order, `joint_input`), Q_i^1, Q_i^2 are the twin sub-networks whose minimum is the Q value (Sec. 4, after
 Fujimoto et al.), and bars mark target networks, which follow tau-Polyak averages of the policy
 and Q networks after every gradient step (Algorithm 1). In Eq. 9 ALL agents' actions are sampled
 from their current policies (MADDPG would use the replay actions of the others). Discrete actions
@@ -30,8 +31,10 @@ Choices the paper leaves open, documented or exposed here:
   the sampled log pi_i(a_i) carries no expected gradient of the entropy.
 - Sums over agents are means (Adam absorbs the constant N); a gradient step updates the policies
   first, then the critics, then both targets (Algorithm 1's order).
-- The critic input is [B, N, N (obs + act)], O(N^2) per batch row: the paper's design, fine for
-  N <= ~30.
+- The critic input is [B, N, sum_g N_g (O_g + A_g)] over the N controlled agents of all groups,
+  O(N^2) per batch row: the paper's design, fine for N <= ~30. Policies are per group (their
+  observation and action sizes differ), the critics one set over all N agents; r_i and alpha_i
+  are concatenated in group order.
 - Trainer settings of Sec. 5.2 (one gradient step every 100 env steps, batch 1024, replay 1e6,
   15000 episodes of 25 steps) are trainer fields, not part of this Config.
 """
@@ -42,13 +45,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
-from vimarl.nn.centralized import AgentMLP, CentralTwinQ, joint_input
-from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian, action_dim, action_features
+from vimarl.nn.centralized import ActionParams, CentralQ, joint_input, policies_with_targets, td_target
+from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian, action_features
 
 
 @dataclass
@@ -65,8 +68,9 @@ class MASACConfig:
     hidden_dim: int = 128
     """Units of each of the two ReLU hidden layers of every policy and Q network (003 Sec. 5.2)."""
     parameter_sharing: bool = False
-    """One policy and one twin critic shared by the agents of a group, reading a one-hot agent id
-    (not in 003, whose agents have their own networks), or one network per agent."""
+    """One policy per group shared by its agents and one twin critic shared by all controlled agents,
+    each reading a one-hot agent id (not in 003, whose agents have their own networks), or one
+    network per agent."""
     next_actions: Literal["target", "current"] = "target"
     """Policies that sample a' for the Eq. 7 target: the target policies of Algorithm 1, or the current ones."""
     others_action_gradient: bool = False
@@ -74,14 +78,8 @@ class MASACConfig:
     grad_{theta_i} E_pi_i, so the default is False)."""
 
 
-class AgentPolicies(nn.Module):
+class AgentPolicies(ActionParams):
     """pi_i(a_i | o_i) of every agent of a group: a Categorical or tanh Gaussian per agent."""
-
-    def __init__(self, spec: GroupSpec, hidden_dim: int, shared: bool):
-        super().__init__()
-        self.action_space = spec.action_space
-        out = spec.action_space.n if isinstance(spec.action_space, Discrete) else 2 * spec.action_space.dim
-        self.net = AgentMLP(spec.n_agents, spec.obs_dim, (hidden_dim, hidden_dim), out, shared)
 
     def forward(self, obs: Tensor, action_mask: Tensor | None = None) -> Categorical | TanhGaussian:
         out = self.net(obs)
@@ -94,34 +92,29 @@ class AgentPolicies(nn.Module):
 
 @register("masac", "Multi-agent SAC (003): per-agent centralised twin critics over all observations and "
           "actions, target policies and critics, Gumbel-softmax for discrete actions",
-          Capabilities(discrete=True, continuous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class MASAC(Algorithm):
     Config = MASACConfig
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MASACConfig, device="cpu"):
         super().__init__(groups, state_dim, config, device)
-        shared = config.parameter_sharing
-        self.policy = nn.ModuleDict({g: AgentPolicies(spec, config.hidden_dim, shared) for g, spec in groups.items()})
-        self.target_policy = nn.ModuleDict({g: AgentPolicies(spec, config.hidden_dim, shared)
-                                            for g, spec in groups.items()})
-        self.target_policy.load_state_dict(self.policy.state_dict())
-        self.target_policy.requires_grad_(False)
-        self.critics = nn.ModuleDict({
-            g: CentralTwinQ(spec.n_agents, spec.obs_dim, action_dim(spec.action_space),
-                            (config.hidden_dim, config.hidden_dim), shared)
-            for g, spec in groups.items()})
+        shared, hidden = config.parameter_sharing, config.hidden_dim
+        self.policy, self.target_policy = policies_with_targets(groups, lambda s: AgentPolicies(s, hidden, shared))
+        self.critics = CentralQ(groups, (hidden, hidden), shared, twins=2)  # Q_i^1, Q_i^2 of every agent
         # alpha_i per agent (003 uses one value for all cooperating agents).
         for g, spec in groups.items():
             self.register_buffer(f"alpha_{g}", torch.full((spec.n_agents,), float(config.alpha)))
         self.to(self.device)
-        self.optimizers = {
-            "policy": adam(self.policy.parameters(), lr=config.lr),
-            "q": adam([p for c in self.critics.values() for p in c.q.parameters()], lr=config.lr),
-        }
+        self.optimizers = {"policy": adam(self.policy.parameters(), lr=config.lr),
+                           "q": adam(self.critics.q.parameters(), lr=config.lr)}
 
     def alpha(self, g: str) -> Tensor:
-        """alpha_i of group g's agents: [N]."""
+        """alpha_i of group g's agents: [N_g]."""
         return getattr(self, f"alpha_{g}")
+
+    def joint_alpha(self) -> Tensor:
+        """alpha_i of every controlled agent, groups in order: [N]."""
+        return torch.cat([self.alpha(g) for g in self.groups])
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
@@ -133,15 +126,12 @@ class MASAC(Algorithm):
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         # Algorithm 1: policies (Eq. 9), then critics (Eq. 8), then both target networks.
-        terms = [self.policy_loss(g, batch) for g in self.groups]
-        policy_loss = sum(loss for loss, _ in terms)
+        policy_loss, entropy = self.policy_loss(batch)
         self.optimize("policy", policy_loss)
-        q_loss = sum(self.q_loss(g, batch) for g in self.groups)
+        q_loss = self.q_loss(batch)
         self.optimize("q", q_loss)
         polyak(self.target_policy, self.policy, self.config.tau)
-        for critics in self.critics.values():
-            polyak(critics.target_q, critics.q, self.config.tau)
-        entropy = torch.stack([e for _, e in terms]).mean()
+        polyak(self.critics.target_q, self.critics.q, self.config.tau)
         return {"loss_q": q_loss.detach(), "loss_policy": policy_loss.detach(), "entropy": entropy}
 
     @staticmethod
@@ -149,31 +139,34 @@ class MASAC(Algorithm):
         """log pi_i in Eq. 7 and 9: exact E[log pi_i] for Categorical, the sample's log-density for Box."""
         return sample.log_prob_mean
 
+    def _samples(self, policies, obs: dict[str, Tensor], masks: dict[str, Tensor | None]) -> list[PolicySample]:
+        """a_i ~ pi_i(. | o_i) for every group's agents, groups in order."""
+        return [policies[g](obs[g], masks[g]).sample() for g in self.groups]
+
     @torch.no_grad()
-    def q_target(self, g: str, batch: Transition) -> Tensor:
+    def q_target(self, batch: Transition) -> Tensor:
         """y_i = r_i + gamma (1 - d)(min_j Qbar_i^j(x', a') - alpha_i log pi_i(a'_i | o'_i)) (Eq. 7): [B, N]."""
-        policy = self.target_policy[g] if self.config.next_actions == "target" else self.policy[g]
-        sample = policy(batch.next_obs[g], batch.next_action_mask[g]).sample()
-        next_q = self.critics[g].min_value(joint_input(batch.next_obs[g], sample.critic_input), target=True)
-        soft_value = next_q - self.alpha(g) * self._log_pi(sample)
-        not_done = (1.0 - batch.terminated.float()).unsqueeze(-1)
-        return batch.reward[g] + self.config.gamma * not_done * soft_value
+        policies = self.target_policy if self.config.next_actions == "target" else self.policy
+        samples = self._samples(policies, batch.next_obs, batch.next_action_mask)
+        next_obs = [batch.next_obs[g] for g in self.groups]
+        next_q = self.critics.min_value(joint_input(next_obs, [s.critic_input for s in samples]), target=True)
+        log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
+        return td_target(batch.reward, batch.terminated, self.config.gamma, next_q - self.joint_alpha() * log_pi)
 
-    def q_loss(self, g: str, batch: Transition) -> Tensor:
-        """E_Q_i (Eq. 8) for both twins, on the stored joint action, mean over batch and agents."""
-        target = self.q_target(g, batch)
-        stored = action_features(batch.action[g], self.groups[g].action_space)
-        inputs = joint_input(batch.obs[g], stored)
-        return sum((q - target).square().mean() for q in self.critics[g].values(inputs))
+    def q_loss(self, batch: Transition) -> Tensor:
+        """E_Q_i (Eq. 8) summed over both twins, on the stored joint action, mean over batch and agents."""
+        target = self.q_target(batch)
+        stored = [action_features(batch.action[g], spec.action_space) for g, spec in self.groups.items()]
+        inputs = joint_input([batch.obs[g] for g in self.groups], stored)
+        return sum((q - target).square().mean() for q in self.critics.values(inputs))
 
-    def policy_loss(self, g: str, batch: Transition) -> tuple[Tensor, Tensor]:
+    def policy_loss(self, batch: Transition) -> tuple[Tensor, Tensor]:
         """E_pi_i (Eq. 9) with a ~ pi (every agent's current policy), and the mean entropy (detached)."""
-        distribution = self.policy[g](batch.obs[g], batch.action_mask[g])
-        sample = distribution.sample()
-        inputs = joint_input(batch.obs[g], sample.critic_input,
+        samples = self._samples(self.policy, batch.obs, batch.action_mask)
+        inputs = joint_input([batch.obs[g] for g in self.groups], [s.critic_input for s in samples],
                              own_action_gradient_only=not self.config.others_action_gradient)
-        with frozen(self.critics[g]):
-            q = self.critics[g].min_value(inputs)
-        log_pi = self._log_pi(sample)
-        loss = (self.alpha(g) * log_pi - q).mean()
+        with frozen(self.critics):
+            q = self.critics.min_value(inputs)
+        log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
+        loss = (self.joint_alpha() * log_pi - q).mean()
         return loss, -log_pi.mean().detach()

@@ -3,20 +3,27 @@
 - `BatchedLinear` / `AgentMLP`: one network per agent evaluated for all agents at once
   (weights [N, in, out], one einsum per layer instead of a Python loop over agents), or one
   network shared by the agents with a one-hot agent id appended to its input.
-- `joint_input`: the centralised critic input x = (o_1, ..., o_N, a_1, ..., a_N) for every agent's
-  critic, [B, N, N (obs + act)], optionally with the gradient of the actions restricted to each
-  critic's own agent. Its size is O(N^2) per batch row: fine for the small N of MPE-style tasks
-  (N <= ~30), not for hundreds of agents.
+- `joint_input`: the centralised critic input x = (o_1, ..., o_N, a_1, ..., a_N) for every
+  controlled agent's critic, over one group or several (all groups' observations, then all their
+  actions, groups in the algorithm's order), [B, N_total, sum_g N_g (O_g + A_g)], optionally with
+  each row's own action taken from elsewhere (fresh actions, or the only ones carrying a gradient).
+  Its size is O(N^2) per batch row: fine for the small N of MPE-style tasks (N <= ~30), not for
+  hundreds of agents.
+- `CentralQ`: per-agent centralised critics (twins optional) over all controlled agents, with
+  target copies; `ActionParams`, `policies_with_targets`, `td_target`: the other pieces that
+  MA-SAC and MADDPG build alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from vimarl.envs.base import Discrete, GroupSpec
+from vimarl.nn.distributions import action_dim
 from vimarl.nn.mlp import mlp
 
 
@@ -65,40 +72,94 @@ class AgentMLP(nn.Module):
         return self.net(x)
 
 
-def joint_input(obs: Tensor, actions: Tensor, own_action_gradient_only: bool = False) -> Tensor:
-    """x = (o_1..o_N, a_1..a_N) for each agent's critic: obs [B, N, O], actions [B, N, A] -> [B, N, N (O + A)].
+def per_group(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """One tensor (a single group) or one per controlled group, as a list in group order."""
+    return [x] if isinstance(x, Tensor) else list(x)
 
-    With `own_action_gradient_only`, row i carries the gradient of a_i alone (the other agents'
-    actions are detached there), so sum_i Q_i(x, a) sends agent j's policy gradient only through
-    Q_j; values are unchanged.
+
+def flatten_agents(xs: Tensor | Sequence[Tensor]) -> Tensor:
+    """Per-group [B, N_g, F_g] -> [B, sum_g N_g F_g]: groups in order, agents in order within a group."""
+    return torch.cat([x.flatten(1) for x in per_group(xs)], dim=1)
+
+
+def own_segments(xs: Tensor | Sequence[Tensor]) -> Tensor:
+    """[N_total, sum_g N_g F_g] bool: row i marks controlled agent i's columns of `flatten_agents(xs)`."""
+    blocks = [torch.eye(x.shape[1], device=x.device).repeat_interleave(x.shape[2], dim=1) for x in per_group(xs)]
+    return torch.block_diag(*blocks).bool()
+
+
+def joint_input(obs: Tensor | Sequence[Tensor], actions: Tensor | Sequence[Tensor],
+                own_action_gradient_only: bool = False,
+                own_actions: Tensor | Sequence[Tensor] | None = None) -> Tensor:
+    """x = (o_1..o_N, a_1..a_N) for each controlled agent's critic: [B, N_total, sum_g N_g (O_g + A_g)].
+
+    obs [B, N, O] and actions [B, N, A] of one group, or lists of them for several groups (the
+    algorithm's group order): all groups' observations first, then all their actions; row i is
+    the i-th controlled agent counted in that order.
+
+    With `own_actions` (same shapes as `actions`), row i takes agent i's action from `own_actions`
+    and every other agent's from `actions` (MADDPG's actor loss). `own_action_gradient_only` is the
+    case own_actions = actions with the others detached: row i carries the gradient of a_i alone,
+    so sum_i Q_i(x, a) sends agent j's policy gradient only through Q_j; values are unchanged.
     """
-    b, n = obs.shape[:2]
-    x = obs.reshape(b, 1, -1).expand(b, n, -1)
-    if own_action_gradient_only and actions.requires_grad:
-        fixed = actions.detach()
-        eye = torch.eye(n, dtype=actions.dtype, device=actions.device).view(1, n, n, 1)
-        joint = fixed.unsqueeze(1) + eye * (actions - fixed).unsqueeze(1)  # [B, N(critic), N, A]
-        joint = joint.reshape(b, n, -1)
-    else:
-        joint = actions.reshape(b, 1, -1).expand(b, n, -1)
+    obs, actions = per_group(obs), per_group(actions)
+    b, n = obs[0].shape[0], sum(o.shape[1] for o in obs)
+    x = flatten_agents(obs).unsqueeze(1).expand(b, n, -1)
+    if own_actions is None and own_action_gradient_only and any(a.requires_grad for a in actions):
+        own_actions, actions = actions, [a.detach() for a in actions]
+    joint = flatten_agents(actions).unsqueeze(1).expand(b, n, -1)
+    if own_actions is not None:
+        joint = torch.where(own_segments(actions), flatten_agents(own_actions).unsqueeze(1), joint)
     return torch.cat([x, joint], dim=-1)
 
 
-class CentralTwinQ(nn.Module):
-    """Per-agent centralised twin critics Q_i^1, Q_i^2 (x, a_1..a_N) and their target copies."""
+class ActionParams(nn.Module):
+    """Per-agent network of a group from o_i to the flat parameters of its action distribution:
+    logits (Discrete) or (mean, log std) (Box)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden: Sequence[int], shared: bool):
+    def __init__(self, spec: GroupSpec, hidden_dim: int, shared: bool):
         super().__init__()
-        in_dim = n_agents * (obs_dim + act_dim)
-        self.q = nn.ModuleList(AgentMLP(n_agents, in_dim, hidden, 1, shared) for _ in range(2))
-        self.target_q = nn.ModuleList(AgentMLP(n_agents, in_dim, hidden, 1, shared) for _ in range(2))
+        self.action_space = spec.action_space
+        out = spec.action_space.n if isinstance(spec.action_space, Discrete) else 2 * spec.action_space.dim
+        self.net = AgentMLP(spec.n_agents, spec.obs_dim, (hidden_dim, hidden_dim), out, shared)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(obs)
+
+
+def policies_with_targets(groups: dict[str, GroupSpec], make: Callable[[GroupSpec], nn.Module]
+                          ) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """A policy module per group and a frozen target copy starting from the same weights."""
+    policy = nn.ModuleDict({g: make(spec) for g, spec in groups.items()})
+    target = nn.ModuleDict({g: make(spec) for g, spec in groups.items()})
+    target.load_state_dict(policy.state_dict())
+    target.requires_grad_(False)
+    return policy, target
+
+
+def td_target(reward: dict[str, Tensor], terminated: Tensor, gamma: float, next_value: Tensor) -> Tensor:
+    """r_i + gamma (1 - d) next_value_i with the groups' rewards concatenated in order: [B, N_total]."""
+    not_done = (1.0 - terminated.float()).unsqueeze(-1)
+    return torch.cat(list(reward.values()), dim=1) + gamma * not_done * next_value
+
+
+class CentralQ(nn.Module):
+    """Per-agent centralised critics Q_i^j(x, a_1..a_N), j = 1..twins, over every controlled agent
+    of `groups` (N_total rows, `joint_input` layout), and their target copies."""
+
+    def __init__(self, groups: dict[str, GroupSpec], hidden: Sequence[int], shared: bool, twins: int = 1):
+        super().__init__()
+        n = sum(spec.n_agents for spec in groups.values())
+        in_dim = sum(spec.n_agents * (spec.obs_dim + action_dim(spec.action_space)) for spec in groups.values())
+        self.q = nn.ModuleList(AgentMLP(n, in_dim, hidden, 1, shared) for _ in range(twins))
+        self.target_q = nn.ModuleList(AgentMLP(n, in_dim, hidden, 1, shared) for _ in range(twins))
         self.target_q.load_state_dict(self.q.state_dict())
         self.target_q.requires_grad_(False)
 
     def values(self, inputs: Tensor, target: bool = False) -> list[Tensor]:
-        """Both critics' values [B, N] on `joint_input` rows."""
+        """Every twin's values [B, N_total] on `joint_input` rows."""
         return [q(inputs).squeeze(-1) for q in (self.target_q if target else self.q)]
 
     def min_value(self, inputs: Tensor, target: bool = False) -> Tensor:
-        """min_j Q_i^j(x, a): [B, N]."""
-        return torch.minimum(*self.values(inputs, target))
+        """min_j Q_i^j(x, a): [B, N_total]."""
+        return torch.stack(self.values(inputs, target)).amin(0)
