@@ -97,3 +97,18 @@ def test_team_trains_from_the_command_line_syntax_and_logs_each_group(tmp_path):
     run, team, _ = load_trained(out)
     assert run.algo_config.members == {"predators": "vpp", "prey": "isac"}
     assert sorted(team.learners) == ["isac", "vpp"]
+
+
+def test_masac_cooperators_against_a_maddpg_adversary_smoke():
+    """003 Fig. 2 set-up on physical deception: cooperators by MA-SAC, the adversary by MADDPG."""
+    env = vimarl.make_env("adversary", 2, seed=0)
+    team = vimarl.make_algo("team", env, members={"agents": "masac", "adversary": "maddpg"},
+                            configs={"masac": {"alpha": 0.01}})
+    assert team.learners["masac"].config.alpha == 0.01
+    codec, buffer = fill_replay(env, team, 30, capacity=200)
+    before = copy.deepcopy(team.state_dict())
+    metrics = team.update(codec.decode(buffer.sample(16)))
+    assert {"masac/loss_q", "maddpg/loss_q"} <= set(metrics) and all(torch.isfinite(v) for v in metrics.values())
+    changed = changed_keys(before, team.state_dict())
+    assert any(k.startswith("learners.masac.policy.") for k in changed)
+    assert any(k.startswith("learners.maddpg.policy.") for k in changed)

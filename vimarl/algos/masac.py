@@ -151,7 +151,8 @@ class MASAC(Algorithm):
         next_obs = [batch.next_obs[g] for g in self.groups]
         next_q = self.critics.min_value(joint_input(next_obs, [s.critic_input for s in samples]), target=True)
         log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
-        return td_target(batch.reward, batch.terminated, self.config.gamma, next_q - self.joint_alpha() * log_pi)
+        rewards = [batch.reward[g] for g in self.groups]
+        return td_target(rewards, batch.terminated, self.config.gamma, next_q - self.joint_alpha() * log_pi)
 
     def q_loss(self, batch: Transition) -> Tensor:
         """E_Q_i (Eq. 8) summed over both twins, on the stored joint action, mean over batch and agents."""

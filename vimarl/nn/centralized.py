@@ -137,10 +137,11 @@ def policies_with_targets(groups: dict[str, GroupSpec], make: Callable[[GroupSpe
     return policy, target
 
 
-def td_target(reward: dict[str, Tensor], terminated: Tensor, gamma: float, next_value: Tensor) -> Tensor:
-    """r_i + gamma (1 - d) next_value_i with the groups' rewards concatenated in order: [B, N_total]."""
+def td_target(rewards: Sequence[Tensor], terminated: Tensor, gamma: float, next_value: Tensor) -> Tensor:
+    """r_i + gamma (1 - d) next_value_i with the controlled groups' rewards [B, N_g] concatenated in
+    order (a batch also holds groups that other algorithms control): [B, N_total]."""
     not_done = (1.0 - terminated.float()).unsqueeze(-1)
-    return torch.cat(list(reward.values()), dim=1) + gamma * not_done * next_value
+    return torch.cat(list(rewards), dim=1) + gamma * not_done * next_value
 
 
 class CentralQ(nn.Module):
