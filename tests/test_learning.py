@@ -49,12 +49,37 @@ COOP_NAV_BUDGET = dict(total_steps=10_000, warmup_steps=1000, update_every=4, ba
                        eval_every=5000, eval_episodes=20)
 
 
+def uniform_return(env_name: str, episodes: int = 20) -> float:
+    """The return of uniformly random actions on the trainer's evaluation episodes (group 'agents')."""
+    env = vimarl.make_env(env_name, episodes)
+    return float(evaluate(UniformPolicy(env.groups), env, seed=EVAL_SEED_OFFSET)["agents"].mean())
+
+
 @pytest.mark.learning
 def test_vpp_beats_random_on_coop_nav_n6(tmp_path, report):
-    random_return = float(evaluate(UniformPolicy(vimarl.make_env("coop_nav_n6", 1).groups),
-                                   vimarl.make_env("coop_nav_n6", 20), seed=EVAL_SEED_OFFSET)["agents"].mean())
+    random_return = uniform_return("coop_nav_n6")
     vpp = eval_returns(tmp_path, "vpp", "coop_nav_n6", 0, algo_config={"lr": 0.003}, **COOP_NAV_BUDGET)
     isac = eval_returns(tmp_path, "isac", "coop_nav_n6", 0, algo_config={"lr": 0.003}, **COOP_NAV_BUDGET)
     report(f"coop_nav_n6, 10k env steps, seed 0, deterministic eval over 20 episodes: vpp {vpp[-1]:.1f}, "
            f"isac {isac[-1]:.1f}, uniform random {random_return:.1f}")
     assert vpp[-1] >= random_return + 40
+
+
+# spread (mpe2 simple_spread_v3, N = 3) in well under a minute each on one CPU thread; only budget
+# knobs differ from the algorithms' paper defaults (masac: lr 0.01, alpha 0.02 of 003 for this task).
+# Seeds 1 and 2 (not run here): masac -58.4 / -63.1, maddpg -56.6; maddpg_s seed 0 -60.6.
+SPREAD_CASES = [
+    ("masac", dict(total_steps=10_000, warmup_steps=1000, update_every=4, batch_size=64), 20),
+    ("maddpg", dict(total_steps=20_000, warmup_steps=1000, update_every=8, batch_size=256), 10),
+    ("pic", dict(total_steps=20_000, warmup_steps=1000, update_every=8, batch_size=256), 10),
+]
+
+
+@pytest.mark.learning
+@pytest.mark.parametrize("algo, budget, margin", SPREAD_CASES, ids=[case[0] for case in SPREAD_CASES])
+def test_centralised_critics_beat_random_on_spread(tmp_path, algo, budget, margin, report):
+    random_return = uniform_return("spread")
+    returns = eval_returns(tmp_path, algo, "spread", 0, eval_every=5000, eval_episodes=20, **budget)
+    report(f"spread N=3, {budget['total_steps']} env steps, seed 0, deterministic eval over 20 episodes: "
+           f"{algo} {returns[-1]:.1f} (curve {[round(r, 1) for r in returns]}), uniform random {random_return:.1f}")
+    assert returns[-1] >= random_return + margin
