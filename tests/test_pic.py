@@ -1,6 +1,5 @@
 """PIC: the graph critic against a dense reference, permutation invariance, targets and losses, N = 200, learning."""
 
-import time
 
 import pytest
 import torch
@@ -133,15 +132,12 @@ def test_exploration_samples_and_evaluation_is_argmax():
     assert torch.equal(greedy, algo.policy[G](obs[:1]).argmax(-1))
 
 
-def test_runs_at_200_agents(report):
+def test_runs_at_200_agents():
     torch.set_num_threads(1)
     env = vimarl.make_env("coop_nav", 2, n_agents=200)
     algo = vimarl.make_algo("pic", env)
     codec, buffer = fill_replay(env, algo, 5, capacity=100)
     batch = codec.decode(buffer.sample(8))
     assert batch.obs[G].shape[:2] == (8, 200)
-    start = time.perf_counter()
     metrics = algo.update(batch)
-    elapsed = time.perf_counter() - start
     assert all(torch.isfinite(v) for v in metrics.values())
-    report(f"pic one update at N=200, batch 8, 1 CPU thread: {elapsed * 1000:.0f} ms")
