@@ -431,3 +431,12 @@ def test_graph_where_index_degree():
     picked = mixed.index(torch.tensor([2, 1]))
     assert torch.equal(picked.mask, torch.stack([a.mask[2], b.mask[1]]))
     assert mixed.to("cpu").k == 4
+
+
+def test_among_drops_every_edge_to_and_from_absent_agents():
+    graph = complete_graph(3, 2)
+    present = torch.tensor([[True, False, True], [True, True, True]])
+    restricted = graph.among(present)
+    assert restricted.mask[0].tolist() == [[False, True], [False, False], [True, False]]
+    assert restricted.neighbors[0].tolist() == [[0, 2], [1, 1], [0, 2]]  # padding points at self
+    assert torch.equal(restricted.mask[1], graph.mask[1]) and torch.equal(restricted.neighbors[1], graph.neighbors[1])

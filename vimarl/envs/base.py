@@ -65,6 +65,8 @@ class GroupSpec:
     graph_k: int | None = None
     """Neighbour slots K of the group's graph, None when the environment gives no graph."""
     has_action_mask: bool = False
+    can_leave: bool = False
+    """Agents may leave an episode before it ends (GroupStep.alive marks who is still in)."""
 
     @property
     def discrete(self) -> bool:
@@ -82,6 +84,9 @@ class GroupStep:
     graph: Graph | None = None
     action_mask: Tensor | None = None
     """[B, N, n_actions] bool, True where allowed."""
+    alive: Tensor | None = None
+    """[B, N] bool, False for agents that have left the episode (environments whose agents can
+    leave: their slots stay, with zero observation and reward and no graph edges)."""
 
 
 @dataclass
@@ -96,7 +101,8 @@ class TimeStep:
     state: Tensor | None = None
     """[B, S] optional global state for centralised critics."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Tensors only. On auto-reset: final_obs / final_graph (dicts by group) and final_state."""
+    """Tensors only. On auto-reset: final_obs / final_graph / final_action_mask / final_alive
+    (dicts by group) and final_state."""
 
     @property
     def done(self) -> Tensor:
@@ -114,7 +120,8 @@ class TimeStep:
         groups = {
             name: dataclasses.replace(
                 step, obs=final_obs[name], graph=final_graph.get(name, step.graph),
-                action_mask=self.info.get("final_action_mask", {}).get(name, step.action_mask))
+                action_mask=self.info.get("final_action_mask", {}).get(name, step.action_mask),
+                alive=self.info.get("final_alive", {}).get(name, step.alive))
             for name, step in self.groups.items()
         }
         return dataclasses.replace(self, groups=groups,
@@ -175,6 +182,11 @@ class BatchedEnv(ABC):
         `step` keeps the pre-reset observation as info["final_obs"].
         """
 
+    def _truncated_by_env(self) -> Tensor | None:
+        """[B] episodes the simulator itself cut in the last `_step` (external environments with
+        their own time limits); None when only `max_steps` applies."""
+        return None
+
     def render(self) -> np.ndarray:
         """An RGB image (H, W, 3) uint8 of sub-environment 0."""
         raise VimarlError(f"{type(self).__name__} has no renderer; evaluate without --gif")
@@ -201,7 +213,11 @@ class BatchedEnv(ABC):
                               f"pass a dict with one entry per group in env.groups")
         rewards, terminated = self._step(actions)
         self.episode_step += 1
-        truncated = (self.episode_step >= self.max_steps) & ~terminated
+        truncated = self.episode_step >= self.max_steps
+        truncated_by_env = self._truncated_by_env()
+        if truncated_by_env is not None:
+            truncated = truncated | truncated_by_env
+        truncated = truncated & ~terminated
         done = terminated | truncated
         final_groups, final_state = self._observe()
         for name, step in final_groups.items():
@@ -218,6 +234,7 @@ class BatchedEnv(ABC):
                     reward=step.reward,
                     graph=_merge(done, new_groups[name].graph, step.graph),
                     action_mask=_merge(done, new_groups[name].action_mask, step.action_mask),
+                    alive=_merge(done, new_groups[name].alive, step.alive),
                 )
                 for name, step in final_groups.items()
             }
@@ -228,6 +245,8 @@ class BatchedEnv(ABC):
         if any(s.action_mask is not None for s in final_groups.values()):
             info["final_action_mask"] = {n: s.action_mask for n, s in final_groups.items()
                                          if s.action_mask is not None}
+        if any(s.alive is not None for s in final_groups.values()):
+            info["final_alive"] = {n: s.alive for n, s in final_groups.items() if s.alive is not None}
         if final_state is not None:
             info["final_state"] = final_state
         return TimeStep(groups, terminated, truncated, state, info)

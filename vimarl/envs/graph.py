@@ -46,6 +46,14 @@ class Graph:
             torch.where(pick, self.mask, other.mask),
         )
 
+    def among(self, present: Tensor) -> "Graph":
+        """The graph without the agents where `present [B, N]` is False: no edges to or from
+        them (their slots become padding, pointing at the agent itself)."""
+        neighbor_present = torch.gather(present, 1, self.neighbors.flatten(1)).view_as(self.mask)
+        mask = self.mask & neighbor_present & present.unsqueeze(-1)
+        own_index = torch.arange(self.neighbors.shape[1], device=self.neighbors.device).view(1, -1, 1)
+        return Graph(torch.where(mask, self.neighbors, own_index), mask)
+
     def degree(self) -> Tensor:
         """[B, N] number of real neighbours of each agent."""
         return self.mask.sum(-1)

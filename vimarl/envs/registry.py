@@ -111,3 +111,30 @@ register_env("rover_tower", f"{_PARTICLE}.rover_tower:RoverTower",
              "MAAC rover-tower: towers see goals and send 5 discrete messages to blind rovers")
 register_env("spread3", f"{_PARTICLE}.spread3:Spread3",
              "MAMT Spread-3 with coupling sep / mix / ful reward structures (App. F)")
+
+# MAgent2 (000 App. E.3, DGN's jungle).
+register_env("jungle", "vimarl.envs.external.jungle:Jungle",
+             "DGN's jungle on MAgent2: 20 agents share 12 foods on a 30 x 30 map, +1 eating, +2 attacking "
+             "an agent (-4 to the victim), 120 steps", requires="magent")
+register_env("jungle_t25", "vimarl.envs.external.jungle:Jungle",
+             "jungle with VPP's 25-step episodes (000 App. E.3)", requires="magent", episode_length=25)
+
+# PettingZoo environments through the adapter (vimarl.envs.external.from_pettingzoo).
+_ADAPTER = "vimarl.envs.external.from_pettingzoo:PettingZooEnv"
+register_env("pettingzoo", _ADAPTER, "any PettingZoo ParallelEnv: env.env=module:function env.kwargs={...}",
+             requires="pettingzoo")
+_MULTIWALKER = "pettingzoo.sisl.multiwalker_v9:parallel_env"
+register_env("multiwalker", _ADAPTER, "SISL multiwalker_v9 (PettingZoo defaults: 3 walkers, shared reward, "
+             "500 steps)", requires="sisl", env=_MULTIWALKER)
+for _n in (2, 3, 4):
+    register_env(f"multiwalker_n{_n}", _ADAPTER, f"multiwalker_v9 with {_n} walkers", requires="sisl",
+                 env=_MULTIWALKER, kwargs={"n_walkers": _n})
+register_env("pursuit", _ADAPTER, "SISL pursuit_v5: 8 pursuers catch 30 evaders on a 16 x 16 grid (MAMT)",
+             requires="sisl", env="pettingzoo.sisl.pursuit_v5:parallel_env",
+             kwargs={"n_pursuers": 8, "n_evaders": 30})
+for _name, _module in (("spread", "simple_spread_v3"), ("tag", "simple_tag_v3"),
+                       ("speaker_listener", "simple_speaker_listener_v4"), ("adversary", "simple_adversary_v3"),
+                       ("reference", "simple_reference_v3"), ("push", "simple_push_v3"),
+                       ("crypto", "simple_crypto_v3"), ("world_comm", "simple_world_comm_v3")):
+    register_env(f"mpe2_{_name}", _ADAPTER, f"the reference mpe2 {_module} through the PettingZoo adapter",
+                 requires="mpe", env=f"mpe2.{_module}:parallel_env")

@@ -56,6 +56,14 @@ def uniform(seed: int, env_ids: Tensor, *counters: Tensor | int, shape: tuple[in
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def integers(seed: int, env_ids: Tensor, *counters: Tensor | int) -> Tensor:
+    """One non-negative 31-bit integer per environment (e.g. the seed of an external simulator's
+    episode), a pure function of the seed, the environment index and the counters."""
+    env_ids = env_ids.to(torch.int64)
+    per_env = [c.to(env_ids.device) if isinstance(c, Tensor) else c for c in counters]
+    return _key(seed, env_ids, *per_env) & 0x7FFFFFFF
+
+
 def normal(seed: int, env_ids: Tensor, *counters: Tensor | int, shape: tuple[int, ...]) -> Tensor:
     """Standard normal floats of shape [len(env_ids), *shape] (Box-Muller on two uniforms)."""
     pair = uniform(seed, env_ids, *counters, shape=(2, *shape))
