@@ -117,3 +117,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert saved
     run("train", "--resume", str(out), "total_steps=" + str(int(saved[-1].stem.split("_")[1]) + 80))
     assert (out / "summary.json").exists()
+
+
+def test_train_options_may_come_before_the_overrides(monkeypatch):
+    from vimarl import cli
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda args: seen.update(items=args.items, preset=args.preset))
+    assert cli.main(["train", "vpp", "spread", "--preset", "cpu", "seed=3", "out=x"]) == 0
+    assert seen == {"items": ["vpp", "spread", "seed=3", "out=x"], "preset": "cpu"}
+    assert cli.main(["train", "vpp", "spread", "--preset", "cpu", "seed=3", "--bogus"]) == 2

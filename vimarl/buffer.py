@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,6 +118,24 @@ class Transition:
     next_state: Tensor | None
     terminated: Tensor
     """[b] float32, 1.0 where s' is terminal (no bootstrapping)."""
+    alive: dict[str, Tensor | None] = field(default_factory=dict)
+    """[b, N] bool per group whose agents can leave: the agent is in at s (None otherwise)."""
+    next_alive: dict[str, Tensor | None] = field(default_factory=dict)
+    """[b, N] bool: the agent is still in at s' (False: its own episode ended here)."""
+
+    def continuing(self, group: str) -> Tensor:
+        """[b, N] (or [b, 1] when no agent can leave) 1.0 where agent i's episode goes on after
+        the transition: the episode is not terminated and the agent has not left."""
+        not_done = (1.0 - self.terminated).unsqueeze(-1)
+        next_alive = self.next_alive.get(group)
+        return not_done if next_alive is None else not_done * next_alive.float()
+
+    def joint_alive(self, groups) -> Tensor | None:
+        """[b, N_total] who is in at s over `groups` in order; None when no agent can leave."""
+        if all(self.alive.get(g) is None for g in groups):
+            return None
+        return torch.cat([self.alive[g] if self.alive.get(g) is not None else torch.ones_like(self.reward[g], dtype=torch.bool)
+                          for g in groups], dim=1)
 
 
 class TransitionCodec:
@@ -146,6 +164,8 @@ class TransitionCodec:
                     fields[f"{name}/{prefix}mask"] = ((n, spec.graph_k), torch.bool)
                 if spec.has_action_mask:
                     fields[f"{name}/{prefix}action_mask"] = ((n, spec.action_space.n), torch.bool)
+                if spec.can_leave:
+                    fields[f"{name}/{prefix}alive"] = ((n,), torch.bool)
         return fields
 
     def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep) -> dict[str, Tensor]:
@@ -165,6 +185,8 @@ class TransitionCodec:
                     rows[f"{name}/{prefix}mask"] = group.graph.mask
                 if spec.has_action_mask:
                     rows[f"{name}/{prefix}action_mask"] = group.action_mask
+                if spec.can_leave:
+                    rows[f"{name}/{prefix}alive"] = group.alive
         return rows
 
     def decode(self, rows: dict[str, Tensor]) -> Transition:
@@ -183,4 +205,5 @@ class TransitionCodec:
             next_obs=per_group("next_obs"), next_graph={n: graph(n, "next_") for n in self.groups},
             next_action_mask=per_group("next_action_mask"), next_state=rows.get("next_state"),
             terminated=rows["terminated"].float(),
+            alive=per_group("alive"), next_alive=per_group("next_alive"),
         )

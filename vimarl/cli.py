@@ -123,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # Options may come between or after the train overrides (`train vpp env --preset cpu
+        # seed=1`): argparse stops the positional list at an option, so gather what is left.
+        args, leftover = parser.parse_known_args(argv)
+        if leftover and (args.command != "train" or any(item.startswith("-") for item in leftover)):
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        if leftover:
+            args.items += leftover
         args.handler(args)
     except TrainingInterrupted as error:
         print(f"vimarl: {error}", file=sys.stderr)

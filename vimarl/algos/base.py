@@ -138,6 +138,15 @@ def polyak(target: nn.Module, source: nn.Module, tau: float) -> None:
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
+def agent_mean(values: Tensor, present: Tensor | None) -> Tensor:
+    """Mean of per-agent values [b, N] over the agents present (all when `present` is None):
+    agents that have left an episode add nothing to a loss."""
+    if present is None:
+        return values.mean()
+    weights = present.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def register(name: str, description: str, capabilities: Capabilities):
     """Class decorator adding an algorithm to the registry under `name`."""
     def decorate(cls: type[Algorithm]) -> type[Algorithm]:

@@ -289,7 +289,7 @@ class MADDPG(Algorithm):
         next_actions = self._samples(next_params, batch.next_action_mask)
         next_obs = [batch.next_obs[g] for g in self.groups]
         next_q, = self.critics.values(critic_input(next_obs, next_actions, perms), target=True)
-        return td_target([batch.reward[g] for g in self.groups], batch.terminated, self.config.gamma, next_q)
+        return td_target(batch, list(self.groups), self.config.gamma, next_q)
 
     def q_loss(self, batch: Transition, perms: list[Tensor] | None = None) -> Tensor:
         """L_Q_i on the replayed joint action, mean over the batch: [N]."""

@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.nn.centralized import ActionParams, CentralQ, joint_input, policies_with_targets, td_target
@@ -151,15 +151,15 @@ class MASAC(Algorithm):
         next_obs = [batch.next_obs[g] for g in self.groups]
         next_q = self.critics.min_value(joint_input(next_obs, [s.critic_input for s in samples]), target=True)
         log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
-        rewards = [batch.reward[g] for g in self.groups]
-        return td_target(rewards, batch.terminated, self.config.gamma, next_q - self.joint_alpha() * log_pi)
+        return td_target(batch, list(self.groups), self.config.gamma, next_q - self.joint_alpha() * log_pi)
 
     def q_loss(self, batch: Transition) -> Tensor:
         """E_Q_i (Eq. 8) summed over both twins, on the stored joint action, mean over batch and agents."""
         target = self.q_target(batch)
         stored = [action_features(batch.action[g], spec.action_space) for g, spec in self.groups.items()]
         inputs = joint_input([batch.obs[g] for g in self.groups], stored)
-        return sum((q - target).square().mean() for q in self.critics.values(inputs))
+        alive = batch.joint_alive(self.groups)
+        return sum(agent_mean((q - target).square(), alive) for q in self.critics.values(inputs))
 
     def policy_loss(self, batch: Transition) -> tuple[Tensor, Tensor]:
         """E_pi_i (Eq. 9) with a ~ pi (every agent's current policy), and the mean entropy (detached)."""
@@ -169,5 +169,5 @@ class MASAC(Algorithm):
         with frozen(self.critics):
             q = self.critics.min_value(inputs)
         log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
-        loss = (self.joint_alpha() * log_pi - q).mean()
+        loss = agent_mean(self.joint_alpha() * log_pi - q, batch.joint_alive(self.groups))
         return loss, -log_pi.mean().detach()

@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.envs.graph import Graph
@@ -208,8 +208,8 @@ class VPP(Algorithm):
         self.optimize("policy", policy_loss)
 
         # J_V (Eq. 8): V_i(s) towards E_q[Q_i - alpha log q_i], then the target V follows.
-        value_loss = sum(0.5 * (self.critics[g].value(batch.obs[g], batch.graph[g]) - value_target).square().mean()
-                         for g, (_, value_target, _) in terms.items())
+        value_loss = sum(agent_mean(0.5 * (self.critics[g].value(batch.obs[g], batch.graph[g]) - value_target).square(),
+                                    batch.alive.get(g)) for g, (_, value_target, _) in terms.items())
         self.optimize("value", value_loss)
         for critics in self.critics.values():
             polyak(critics.target_value, critics.value, self.config.tau)
@@ -227,10 +227,10 @@ class VPP(Algorithm):
         critics, obs, graph = self.critics[g], batch.obs[g], batch.graph[g]
         with torch.no_grad():
             next_value = critics.target_value(batch.next_obs[g], batch.next_graph[g])
-            not_done = (1.0 - batch.terminated).unsqueeze(-1)
-            q_target = batch.reward[g] + self.config.gamma * not_done * next_value
+            q_target = batch.reward[g] + self.config.gamma * batch.continuing(g) * next_value
         stored_action = action_features(batch.action[g], self.groups[g].action_space)
-        return sum(0.5 * (q(obs, stored_action, graph) - q_target).square().mean() for q in critics.q)
+        return sum(agent_mean(0.5 * (q(obs, stored_action, graph) - q_target).square(), batch.alive.get(g))
+                   for q in critics.q)
 
     def policy_terms(self, g: str, batch: Transition, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """J_pi of group g, the V target E_q[Q_i - alpha log q_i] [B, N] (detached), and the mean entropy."""
@@ -246,5 +246,5 @@ class VPP(Algorithm):
                 neighbor_action = None if self.config.neighbor_action_gradient else sample.critic_input.detach()
                 expected_q = critics.q_value(obs, sample.critic_input, graph, neighbor_action)
         entropy_term = alpha * sample.log_prob_mean
-        policy_loss = (entropy_term - expected_q).mean()
+        policy_loss = agent_mean(entropy_term - expected_q, batch.alive.get(g))
         return policy_loss, (expected_q - entropy_term).detach(), -sample.log_prob_mean.mean().detach()

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.nn.distributions import action_dim
 from vimarl.nn.mlp import mlp
@@ -137,11 +138,13 @@ def policies_with_targets(groups: dict[str, GroupSpec], make: Callable[[GroupSpe
     return policy, target
 
 
-def td_target(rewards: Sequence[Tensor], terminated: Tensor, gamma: float, next_value: Tensor) -> Tensor:
-    """r_i + gamma (1 - d) next_value_i with the controlled groups' rewards [B, N_g] concatenated in
-    order (a batch also holds groups that other algorithms control): [B, N_total]."""
-    not_done = (1.0 - terminated.float()).unsqueeze(-1)
-    return torch.cat(list(rewards), dim=1) + gamma * not_done * next_value
+def td_target(batch: Transition, groups: Sequence[str], gamma: float, next_value: Tensor) -> Tensor:
+    """r_i + gamma c_i next_value_i over the agents of `groups` in order ([B, N_total]; a batch
+    also holds groups that other algorithms control), c_i = 0 where the episode terminated or
+    agent i left it."""
+    rewards = torch.cat([batch.reward[g] for g in groups], dim=1)
+    continuing = torch.cat([batch.continuing(g).expand_as(batch.reward[g]) for g in groups], dim=1)
+    return rewards + gamma * continuing * next_value
 
 
 class CentralQ(nn.Module):
