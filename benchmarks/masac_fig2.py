@@ -23,13 +23,9 @@ pool of --workers processes.
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from common import final_values, plot, run_cells
 
 EPISODE_LENGTH = 25
 UPDATE_EVERY = 20
@@ -64,25 +60,6 @@ def metric(task: str) -> str:
     return "eval_return_mean" if opponent is None else f"eval_return/{cooperators}"
 
 
-def finished(run_dir: Path, episodes: int) -> bool:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return False
-    rows = list(csv.DictReader(path.open()))
-    return bool(rows) and int(rows[-1]["env_steps"]) >= episodes * EPISODE_LENGTH
-
-
-def run_cell(args: list[str], run_dir: Path, episodes: int) -> float:
-    if finished(run_dir, episodes):
-        return 0.0
-    started = time.perf_counter()
-    vimarl = Path(sys.executable).parent / "vimarl"
-    result = subprocess.run([str(vimarl), "train", *args], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{run_dir}: {result.stderr.strip().splitlines()[-1]}")
-    return time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/masac_fig2")
@@ -92,34 +69,21 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     options = parser.parse_args()
     out = Path(options.out)
-    cells = [(task, algo, seed, out / task / f"{algo}-s{seed}")
-             for task in options.tasks for algo in ALGORITHMS for seed in options.seeds]
-    started = time.perf_counter()
-    with ThreadPoolExecutor(options.workers) as pool:
-        walls = list(pool.map(lambda c: run_cell(train_args(c[0], c[1], c[2], options.episodes, c[3]), c[3],
-                                                 options.episodes), cells))
-    print(f"{len(cells)} runs, {time.perf_counter() - started:.0f} s wall with {options.workers} workers, "
-          f"{sum(walls):.0f} s summed over runs that trained now")
+    total_steps = options.episodes * EPISODE_LENGTH
+    run_cells([(train_args(task, algo, seed, options.episodes, out / task / f"{algo}-s{seed}"),
+                out / task / f"{algo}-s{seed}", total_steps)
+               for task in options.tasks for algo in ALGORITHMS for seed in options.seeds], options.workers)
 
     print(f"\nCooperating team's deterministic return after {options.episodes} episodes "
           f"(mean +- std over seeds {options.seeds}; {EVAL_EPISODES} evaluation episodes each)\n")
     print("| task | masac | maddpg | masac at least on par |\n|---|---|---|---|")
     for task in options.tasks:
-        finals = {}
-        for algo in ALGORITHMS:
-            values = []
-            for seed in options.seeds:
-                rows = list(csv.DictReader((out / task / f"{algo}-s{seed}" / "metrics.csv").open()))
-                values.append(float(rows[-1][metric(task)]))
-            finals[algo] = (statistics.mean(values), statistics.pstdev(values), values)
-        (m_mean, m_std, _), (d_mean, d_std, _) = finals["masac"], finals["maddpg"]
+        runs = {algo: [out / task / f"{algo}-s{seed}" for seed in options.seeds] for algo in ALGORITHMS}
+        (m_mean, m_std, _), (d_mean, d_std, _) = (final_values(runs[algo], metric(task)) for algo in ALGORITHMS)
         on_par = "yes" if m_mean >= d_mean - d_std else "no"
         print(f"| {task} | {m_mean:.1f} +- {m_std:.1f} | {d_mean:.1f} +- {d_std:.1f} | {on_par} |")
-        runs = [str(out / task / f"{algo}-s{seed}") for algo in ALGORITHMS for seed in options.seeds]
-        subprocess.run([str(Path(sys.executable).parent / "vimarl"), "plot", *runs, "--out",
-                        str(out / f"{task}.png"), "--metric", metric(task), "--title",
-                        f"003 Fig. 2, {task}: cooperators' return, {len(options.seeds)} seeds"], check=True,
-                       capture_output=True)
+        plot([run for algo in ALGORITHMS for run in runs[algo]], out / f"{task}.png", metric(task),
+             f"003 Fig. 2, {task}: cooperators' return, {len(options.seeds)} seeds")
 
 
 if __name__ == "__main__":

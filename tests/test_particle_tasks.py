@@ -1,4 +1,4 @@
-"""VM3-AC, MAAC and MAMT particle tasks (pp_capture, treasure, rover_tower, spread3).
+"""VM3-AC, MAAC and MAMT particle tasks (pp_capture, treasure, rover_tower, spread3, spread_vm3ac).
 
 No reference implementation of these scenarios installs here (VM3-AC and MAMT published no
 code; MAAC's needs its MPE fork, not on PyPI), so every reward term, the order of events in a
@@ -21,7 +21,7 @@ from vimarl.envs.particle.scenarios.spread3 import Spread3Config
 from vimarl.envs.particle.scenarios.treasure import TreasureConfig
 from vimarl.envs.registry import make_env
 
-NAMES = ("pp_capture_n2", "pp_capture_n3", "pp_capture_n4", "treasure", "rover_tower", "spread3")
+NAMES = ("pp_capture_n2", "pp_capture_n3", "pp_capture_n4", "treasure", "rover_tower", "spread3", "spread_vm3ac")
 FAR = 5.0
 
 
@@ -321,6 +321,33 @@ def test_spread3_observation_layout():
     obs = env._observe()[0]["agents"].obs[0, 2]
     expected = [0.0, 0.0, 0.0, 0.6, 0.0, -0.6, 1.0, -0.6, 0.0, 0.4, 0.1, -0.6, 0.3, -0.6]
     assert torch.allclose(obs, torch.tensor(expected))
+
+
+# -- spread_vm3ac -------------------------------------------------------------------------------
+@pytest.mark.parametrize("placement, expected", [
+    # d(landmark, nearest agent) = 0.1, 0.7, 0.4; agents 0 and 1 collide; landmark 1 is free.
+    (SPREAD3_PLACEMENT, [-1.2 - 10, -1.2 - 10, -1.2]),
+    # Every landmark touched (0.1, 0.15, 0.0 < 0.2), agents 0.9+ apart: coverage -0.25 plus R3 = 1.
+    ([[0.1, 0.0], [1.0, 0.15], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.75, 0.75, 0.75]),
+])
+def test_spread_vm3ac_rewards_follow_002_app_f(placement, expected):
+    env = make_env("spread_vm3ac", num_envs=1)
+    env.reset(seed=0)
+    place(env, placement)
+    assert torch.allclose(env.rewards()["agents"], torch.tensor([expected]))
+
+
+def test_spread_vm3ac_task_settings():
+    env = make_env("spread_vm3ac", num_envs=1)
+    spec = env.groups["agents"]
+    assert (spec.n_agents, spec.obs_dim, env.max_steps) == (3, 18, 50)
+    assert isinstance(spec.action_space, Box) and spec.action_space.dim == 2
+    env.reset(seed=0)
+    place(env, [[0.1, 0.0], [1.0, 0.15], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    env.step({"agents": torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])})
+    # Unit force times sensitivity 5 over dt = 0.1; MPE order: the position moves by the new velocity.
+    assert env.world.velocity[0, 0].tolist() == pytest.approx([0.5, 0.0])
+    assert env.world.position[0, 0].tolist() == pytest.approx([0.15, 0.0])
 
 
 # -- every task ---------------------------------------------------------------------------------

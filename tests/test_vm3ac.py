@@ -9,6 +9,7 @@ import torch
 import vimarl
 from vimarl.algos.vm3ac import MAAC, VM3AC, VM3ACConfig
 from vimarl.buffer import TransitionCodec
+from vimarl.config import resolve
 from vimarl.envs.base import Box, GroupSpec
 from vimarl.train import act
 
@@ -121,6 +122,56 @@ def test_shared_seed_execution_reproduces_actions_across_instances():
     assert torch.equal(rollout(a, 2)[0], first[0])
 
 
+def test_agents_drawing_z_alone_from_the_shared_seed_act_as_the_joint_policy():
+    """Sec. 5: each agent holds its own generator with the distributed seed and draws z_t itself;
+    with no communication the joint action equals the centralised one for the same z sequence."""
+    env = vimarl.make_env("pp_capture_n3", 2)
+    algo = vimarl.make_algo("vm3ac", env, z_mode="shared_seed", z_seed=11)
+    steps = [env.reset(seed=0)]
+    for _ in range(2):
+        steps.append(env.step(act(algo, steps[-1], explore=True)))
+    with algo.execution():  # deployment restarts the generator
+        joint = [act(algo, step, explore=False)["predators"] for step in steps]
+    policy = algo.policy["predators"]
+    for i in range(3):
+        own_generator = torch.Generator().manual_seed(11)
+        for t, step in enumerate(steps):
+            z = torch.randn((2, 8), generator=own_generator)
+            alone = policy(algo.with_latent(step.groups["predators"].obs, z)).mode()[:, i]
+            assert torch.equal(alone, joint[t][:, i])
+
+
+def test_execution_modes_switch_z_and_restore_the_configured_one():
+    env = vimarl.make_env("pp_capture_n2", 2)
+    algo = vimarl.make_algo("vm3ac", env, z_seed=3)
+    assert algo.evaluation_modes() == {"z_mean": "mean", "z_shared_seed": "shared_seed"}
+    with algo.execution("shared_seed"):
+        drawn = algo.latent(2, explore=False)
+    assert torch.equal(drawn, torch.randn((2, 8), generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(algo.latent(2, explore=False), torch.zeros(2, 8))  # back to z = E[z]
+    assert vimarl.make_algo("ma_ac", env).evaluation_modes() == {}
+
+
+def test_checkpoint_keeps_the_shared_generator_position():
+    env = vimarl.make_env("pp_capture_n2", 2)
+    a = vimarl.make_algo("vm3ac", env, z_mode="shared_seed")
+    a.latent(2, explore=False)
+    b = vimarl.make_algo("vm3ac", env, z_mode="shared_seed")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.latent(2, explore=False), b.latent(2, explore=False))
+
+
+def test_trainer_logs_both_z_modes(tmp_path):
+    run = vimarl.train("vm3ac", "pp_capture_n2", out=str(tmp_path), total_steps=40, num_envs=2,
+                       warmup_steps=20, update_every=10, batch_size=8, eval_every=20, eval_episodes=2,
+                       progress=False, tensorboard=False, env_config={"episode_length": 10})
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"eval_return_mean/z_mean", "eval_return_mean/z_shared_seed"} <= set(header)
+    first = dict(zip(header, rows[-1].split(",")))
+    assert first["eval_return_mean/z_mean"] == first["eval_return_mean"]  # z_mode="mean" is the default
+
+
 def test_mean_execution_plays_z_zero():
     env = vimarl.make_env("pp_capture_n2", 2)
     algo = vimarl.make_algo("vm3ac", env)
@@ -205,7 +256,7 @@ def test_value_and_q_targets_follow_eq_46_and_48():
         next_state=None, terminated=torch.tensor([0.0, 1.0]))
     # Eq. 46: min_k Q^{i,k} - beta log pi^i + (beta/N) sum_{j != i} [log q(a^i | a^j) + log q(a^j | a^i)]
     q_min = [1.0, 1.0, 0.5]
-    v_hat = algo.v_target(batch, actions, log_pi)
+    v_hat = algo.v_target(batch, actions, log_pi, algo.mi_bound(batch.obs, actions))
     for b in range(2):
         a = actions[b].flatten().tolist()
         for i in range(N):
@@ -216,3 +267,13 @@ def test_value_and_q_targets_follow_eq_46_and_48():
     target = reward + 0.9 * torch.tensor([[1.0], [0.0]]) * torch.tensor([0.3, -0.4, 0.2])
     expected = sum((0.5 * (torch.tensor(twin) - target) ** 2).mean() for twin in ([1.0, 2.0, 0.5], [1.5, 1.0, 0.7]))
     assert algo.q_loss(batch).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("env_name, beta, latent_dim", [
+    ("pp_capture_n2", 0.15, 8), ("pp_capture_n3", 0.1, 8), ("pp_capture_n4", 0.2, 8), ("treasure_n4", 0.05, 10),
+    ("treasure_n5", 0.05, 10), ("spread_vm3ac", 0.1, 8), ("multiwalker_n3", 0.05, 8), ("multiwalker_n4", 0.1, 8),
+])
+def test_table_2_presets_apply_per_task(env_name, beta, latent_dim):
+    config = resolve("vm3ac", env_name).algo_config
+    assert (config.beta, config.latent_dim) == (beta, latent_dim)
+    assert resolve("ma_ac", env_name).algo_config.beta == 0.0  # the presets are VM3-AC's only

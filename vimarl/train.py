@@ -65,12 +65,13 @@ def reuse_freed_memory() -> bool:
 
 @torch.no_grad()
 def evaluate(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bool = True,
-             frames: list | None = None) -> dict[str, Tensor]:
+             frames: list | None = None, mode: str | None = None) -> dict[str, Tensor]:
     """Returns of one episode per sub-environment, summed over agents and steps.
 
     Returns {group: [B]} for the algorithm's groups. Appends env.render() frames when given a list.
+    `mode` is one of `algo.evaluation_modes()` (None: the configured execution).
     """
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), algo.execution(mode):
         torch.manual_seed(seed)  # sampled evaluations are reproducible and leave training's RNG alone
         return _run_episodes(algo, env, seed, deterministic, frames)
 
@@ -229,6 +230,10 @@ class Trainer:
         }
         if len(returns) > 1:
             row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
+        for label, mode in self.algo.evaluation_modes().items():
+            other = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
+                             self.config.eval_deterministic, mode=mode)
+            row[f"eval_return_mean/{label}"] = next(iter(other.values())).mean().item()
         finished = torch.cat(self.finished_returns) if self.finished_returns else None
         row["train_return_mean"] = finished.mean().item() if finished is not None else math.nan
         row.update({k: (v / self.metric_count).item() for k, v in self.metric_sums.items()})

@@ -75,6 +75,17 @@ class Algorithm(nn.Module, ABC):
         loss.backward()
         optimizer.step()
 
+    def evaluation_modes(self) -> dict[str, str]:
+        """Other ways to execute the trained policies that evaluation reports too, as
+        {metric suffix: mode} (VM3-AC's z modes); none by default."""
+        return {}
+
+    @contextmanager
+    def execution(self, mode: str | None = None) -> Iterator[None]:
+        """Set up deployment for a block of evaluation episodes in `mode` (None: the configured
+        one); VM3-AC restarts the agents' shared latent generator here."""
+        yield
+
     # Optimiser states ride along in state_dict() through torch's extra-state hook.
     def get_extra_state(self) -> dict[str, Any]:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}

@@ -47,8 +47,10 @@ Choices the paper leaves open, documented here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,7 @@ class VM3AC(Algorithm):
         self.variational = (VariationalQ(self.n_agents, self.obs_pad, action_size, hidden, shared, config.q_sigma)
                             if config.beta else None)
         self.to(self.device)
+        self.z_mode = config.z_mode
         self.reset_latent()
         actor = [*self.policy.parameters(), *(self.variational.parameters() if self.variational else [])]
         self.optimizers = {"actor": adam(actor, lr=config.lr),  # phi and xi, Eq. 49
@@ -160,6 +163,29 @@ class VM3AC(Algorithm):
         002 Sec. 5 distributes to every agent before deployment."""
         self.z_generator = torch.Generator(device=self.device).manual_seed(self.config.z_seed)
 
+    def evaluation_modes(self) -> dict[str, str]:
+        # App. H compares both executions; without a latent they coincide.
+        return {"z_mean": "mean", "z_shared_seed": "shared_seed"} if self.config.latent_dim else {}
+
+    @contextmanager
+    def execution(self, mode: str | None = None) -> Iterator[None]:
+        """Deploy with `z_mode` = mode (None: the configured one), the shared generator restarted."""
+        configured = self.z_mode
+        self.z_mode = mode or configured
+        self.reset_latent()
+        try:
+            yield
+        finally:
+            self.z_mode = configured
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "z_generator": self.z_generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.z_generator.set_state(state.pop("z_generator"))
+        super().set_extra_state(state)
+
     def latent(self, n_envs: int, explore: bool) -> Tensor:
         """z_t for one step of `n_envs` sub-environments, [n_envs, latent_dim]; row b is shared by every
         agent of sub-environment b. Training (explore) samples z ~ N(0, I) freely (centralised, so
@@ -167,7 +193,7 @@ class VM3AC(Algorithm):
         shape = (n_envs, self.config.latent_dim)
         if explore:
             return torch.randn(shape, device=self.device)
-        if self.config.z_mode == "mean":
+        if self.z_mode == "mean":
             return torch.zeros(shape, device=self.device)
         return torch.randn(shape, generator=self.z_generator, device=self.device)
 
@@ -223,13 +249,15 @@ class VM3AC(Algorithm):
         samples = self.samples(batch.obs, z, batch.action_mask)
         actions = torch.cat([s.critic_input for s in samples], dim=1)
         log_pi = torch.cat([s.log_prob_mean for s in samples], dim=1)  # the sample's log pi for Box actions
-        v_loss, q_loss = self.v_loss(batch, actions, log_pi), self.q_loss(batch)
+        # One MI bound serves Eq. 46 (detached) and Eq. 49: the critic step leaves pi and q unchanged.
+        mi = self.mi_bound(batch.obs, actions)
+        v_loss, q_loss = self.v_loss(batch, actions, log_pi, mi), self.q_loss(batch)
         self.optimize("critic", v_loss + q_loss)
-        actor_loss, mi = self.actor_loss(batch, actions, log_pi)
+        actor_loss = self.actor_loss(batch, actions, log_pi, mi)
         self.optimize("actor", actor_loss)
         polyak(self.target_v, self.v, self.config.tau)
         return {"loss_v": v_loss.detach(), "loss_q": q_loss.detach(), "loss_policy": actor_loss.detach(),
-                "mi_bound": mi, "entropy": -log_pi.mean().detach()}
+                "mi_bound": mi.mean().detach(), "entropy": -log_pi.mean().detach()}
 
     def values(self, obs: dict[str, Tensor], target: bool = False) -> Tensor:
         """V^i(x) (or Vbar^i) of every controlled agent: [B, N]."""
@@ -238,14 +266,14 @@ class VM3AC(Algorithm):
         return (self.target_v if target else self.v)(x).squeeze(-1)
 
     @torch.no_grad()
-    def v_target(self, batch: Transition, actions: Tensor, log_pi: Tensor) -> Tensor:
-        """V_hat^i(x) = min_k Q^{i,k}(x, a) - beta log pi^i(a^i | o^i, z) + MI bound (Eq. 46): [B, N]."""
+    def v_target(self, batch: Transition, actions: Tensor, log_pi: Tensor, mi: Tensor) -> Tensor:
+        """V_hat^i(x) = min_k Q^{i,k}(x, a) - beta log pi^i(a^i | o^i, z) + MI bound `mi` (Eq. 46): [B, N]."""
         q_min = self.critics.min_value(joint_input([batch.obs[g] for g in self.groups], actions))
-        return q_min - self.config.beta * log_pi + self.mi_bound(batch.obs, actions)
+        return q_min - self.config.beta * log_pi + mi
 
-    def v_loss(self, batch: Transition, actions: Tensor, log_pi: Tensor) -> Tensor:
+    def v_loss(self, batch: Transition, actions: Tensor, log_pi: Tensor, mi: Tensor) -> Tensor:
         """L_V = 1/2 (V^i(x) - V_hat^i(x))^2 (Eq. 45), mean over batch and agents present."""
-        error = self.values(batch.obs) - self.v_target(batch, actions, log_pi)
+        error = self.values(batch.obs) - self.v_target(batch, actions, log_pi, mi)
         return agent_mean(0.5 * error.square(), batch.joint_alive(self.groups))
 
     def q_loss(self, batch: Transition) -> Tensor:
@@ -258,15 +286,13 @@ class VM3AC(Algorithm):
         alive = batch.joint_alive(self.groups)
         return sum(agent_mean(0.5 * (q - target).square(), alive) for q in self.critics.values(inputs))
 
-    def actor_loss(self, batch: Transition, actions: Tensor, log_pi: Tensor) -> tuple[Tensor, Tensor]:
-        """L_pi,q = -Q^{i,1}(x, a) + beta log pi^i(a^i | o^i, z) - MI bound (Eq. 49), and the bound's mean."""
+    def actor_loss(self, batch: Transition, actions: Tensor, log_pi: Tensor, mi: Tensor) -> Tensor:
+        """L_pi,q = -Q^{i,1}(x, a) + beta log pi^i(a^i | o^i, z) - MI bound `mi` (Eq. 49)."""
         # Agent i's loss moves phi^i only: a^j of the others enters Q^i as a constant.
         inputs = joint_input([batch.obs[g] for g in self.groups], actions, own_action_gradient_only=True)
         with frozen(self.critics):
             q1 = self.critics.values(inputs)[0]  # the first twin, as Eq. 49 writes (not the minimum)
-        mi = self.mi_bound(batch.obs, actions)
-        loss = agent_mean(-q1 + self.config.beta * log_pi - mi, batch.joint_alive(self.groups))
-        return loss, mi.mean().detach()
+        return agent_mean(-q1 + self.config.beta * log_pi - mi, batch.joint_alive(self.groups))
 
 
 @dataclass

@@ -107,6 +107,9 @@ register_env("treasure", f"{_PARTICLE}.treasure:Treasure", "MAAC cooperative tre
 for _n in (4, 5):  # VM3-AC's tasks: 2 banks and N - 2 collectors, continuous actions
     register_env(f"treasure_n{_n}", f"{_PARTICLE}.treasure:Treasure", f"treasure with {_n} agents (VM3-AC)",
                  n_collectors=_n - 2, action_mode="continuous")
+register_env("spread_vm3ac", f"{_PARTICLE}.spread_vm3ac:SpreadVM3AC",
+             "VM3-AC cooperative navigation: spread N = 3, T = 50, collision -10, +1 while every landmark "
+             "is occupied, 2-D force actions")
 register_env("rover_tower", f"{_PARTICLE}.rover_tower:RoverTower",
              "MAAC rover-tower: towers see goals and send 5 discrete messages to blind rovers")
 register_env("spread3", f"{_PARTICLE}.spread3:Spread3",
