@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vimarl.algos.base import Algorithm
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
 from vimarl.envs.graph import Graph
@@ -87,6 +88,8 @@ class UniformPolicy(torch.nn.Module):
         super().__init__()
         self.groups = groups
         self.generator = torch.Generator().manual_seed(seed)
+
+    execution = Algorithm.execution  # nothing to set up for deployment
 
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
         return {g: spec.action_space.sample(obs[g].shape[:2], self.generator, obs[g].device,

@@ -67,6 +67,9 @@ _PARTICLE = "vimarl.envs.particle.scenarios"
 register_env("grid_coordination", "vimarl.envs.toy.grid_coordination:GridCoordination",
              "n x n grid game of VPP App. G.1: agents pick 0/1, team reward -sum over grid edges "
              "of (a_i - a_j)^2, one-step episodes")
+register_env("two_agents_meet", "vimarl.envs.toy.two_agents_meet:TwoAgentsMeet",
+             "VM3-AC App. A: two agents start at (-1, 1) and (1, 1) and must meet while drifting upward; "
+             "reward -distance, displacement actions")
 
 # Classic MPE tasks (MA-SAC), as in mpe2.
 register_env("spread", f"{_PARTICLE}.spread:Spread",
