@@ -1,5 +1,6 @@
 """Smoke training on the external environments: a few hundred env steps of vpp and masac on
-SISL multiwalker and pursuit (and vpp on the MAgent2 jungle), then a resume from the checkpoint."""
+SISL multiwalker and pursuit (vm3ac on multiwalker N = 3, vpp on the MAgent2 jungle), then a resume
+from the checkpoint."""
 
 import importlib.util
 import math
@@ -9,13 +10,16 @@ import pytest
 import vimarl
 from vimarl.logging import read_metrics
 
-SIMULATORS = {"multiwalker_n2": ("pettingzoo", "sisl"), "pursuit": ("pettingzoo", "sisl"), "jungle": ("magent2", "magent")}
+SIMULATORS = {"multiwalker_n2": ("pettingzoo", "sisl"), "multiwalker_n3": ("pettingzoo", "sisl"),
+              "pursuit": ("pettingzoo", "sisl"), "jungle": ("magent2", "magent")}
 # Short episodes keep the evaluations cheap (pursuit steps at about 90 env steps/s).
-EPISODE = {"multiwalker_n2": {"episode_length": 50}, "pursuit": {"episode_length": 50}, "jungle": {"episode_length": 25}}
+EPISODE = {"multiwalker_n2": {"episode_length": 50}, "multiwalker_n3": {"episode_length": 50},
+           "pursuit": {"episode_length": 50}, "jungle": {"episode_length": 25}}
 
 
 @pytest.mark.parametrize("algo,env", [("vpp", "multiwalker_n2"), ("masac", "multiwalker_n2"),
-                                      ("vpp", "pursuit"), ("masac", "pursuit"), ("vpp", "jungle")])
+                                      ("vm3ac", "multiwalker_n3"), ("vpp", "pursuit"), ("masac", "pursuit"),
+                                      ("vpp", "jungle")])
 def test_smoke_training_and_resume(tmp_path, algo, env):
     module, extra = SIMULATORS[env]
     if importlib.util.find_spec(module) is None or (extra == "sisl" and importlib.util.find_spec("pymunk") is None):

@@ -1,5 +1,5 @@
 """Agents that leave an episode early (GroupStep.alive): the replay buffer keeps who is in, and
-vpp and masac neither learn from a departed agent's slot nor bootstrap past its departure."""
+vpp, masac and vm3ac neither learn from a departed agent's slot nor bootstrap past its departure."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def test_the_buffer_keeps_who_is_in_and_who_goes_on():
     assert batch.joint_alive(["runner"]).tolist() == batch.alive["runner"].tolist()
 
 
-@pytest.mark.parametrize("algo", ["vpp", "masac"])
+@pytest.mark.parametrize("algo", ["vpp", "masac", "vm3ac"])
 def test_departed_slots_change_no_loss(algo):
     env, batch = leaving_batch()
     learner = vimarl.make_algo(algo, env)

@@ -66,6 +66,19 @@ def test_mi_bound_matches_hand_computed_gaussians():
         assert got[0, i].item() == pytest.approx(BETA / N * pairs, abs=1e-6)
 
 
+def test_departed_agents_leave_the_mi_pairs():
+    algo = tiny()
+    hand_set_q(algo)
+    obs = torch.tensor([[[0.2], [-0.5], [0.9]]], dtype=torch.float64)
+    actions = torch.tensor([[[0.3], [-0.6], [0.8]]], dtype=torch.float64)
+    got = algo.mi_bound({"agents": obs}, actions, present=torch.tensor([[True, False, True]]))
+    o, a = obs.flatten().tolist(), actions.flatten().tolist()
+    for i in (0, 2):
+        j = 2 - i
+        pair = log_normal(a[i], mu(i, j, a[j], o)) + log_normal(a[j], mu(i, j, a[i], o))
+        assert got[0, i].item() == pytest.approx(BETA / N * pair, abs=1e-6)
+
+
 def test_mi_bound_gradient_flows_through_term_b_and_own_action_only():
     algo = tiny()
     hand_set_q(algo)

@@ -224,8 +224,9 @@ class VM3AC(Algorithm):
         """Every controlled agent's o^i zero-padded to one size for q's input: [B, N, O_max]."""
         return torch.cat([F.pad(obs[g], (0, self.obs_pad - obs[g].shape[-1])) for g in self.groups], dim=1)
 
-    def mi_bound(self, obs: dict[str, Tensor], actions: Tensor) -> Tensor:
-        """(beta/N) sum_{j != i} log q^(i,j)(a^i, a^j | o^i, o^j) (Eq. 46, 49-50) per agent i: [B, N].
+    def mi_bound(self, obs: dict[str, Tensor], actions: Tensor, present: Tensor | None = None) -> Tensor:
+        """(beta/N) sum_{j != i} log q^(i,j)(a^i, a^j | o^i, o^j) (Eq. 46, 49-50) per agent i: [B, N],
+        the sum over the agents j `present` ([B, N] bool, None: all) when agents can leave.
 
         Term (a) is detached and so is a^j in term (b): the gradient reaches xi^i and a^i through
         term (b) only (App. C, after Eq. 50)."""
@@ -237,8 +238,10 @@ class VM3AC(Algorithm):
         x = self.padded_obs(obs)
         term_a = self.variational.log_prob(own, other, x).detach()        # log q_xi^i(a^i | a^j, o^i, o^j)
         term_b = self.variational.log_prob(other, own, x)                 # log q_xi^i(a^j | a^i, o^i, o^j)
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=actions.device)
-        pairs = ((term_a + term_b) * off_diagonal).sum(-1)
+        others = ~torch.eye(n, dtype=torch.bool, device=actions.device)
+        if present is not None:
+            others = others & present.unsqueeze(1)  # a departed agent j pairs with nobody
+        pairs = ((term_a + term_b) * others).sum(-1)
         return self.config.beta / n * pairs
 
     # --- losses (App. C) ---------------------------------------------------------------------
@@ -250,7 +253,7 @@ class VM3AC(Algorithm):
         actions = torch.cat([s.critic_input for s in samples], dim=1)
         log_pi = torch.cat([s.log_prob_mean for s in samples], dim=1)  # the sample's log pi for Box actions
         # One MI bound serves Eq. 46 (detached) and Eq. 49: the critic step leaves pi and q unchanged.
-        mi = self.mi_bound(batch.obs, actions)
+        mi = self.mi_bound(batch.obs, actions, batch.joint_alive(self.groups))
         v_loss, q_loss = self.v_loss(batch, actions, log_pi, mi), self.q_loss(batch)
         self.optimize("critic", v_loss + q_loss)
         actor_loss = self.actor_loss(batch, actions, log_pi, mi)
