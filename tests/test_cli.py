@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import vimarl
+from vimarl.cli import main
+
 VIMARL = Path(sys.executable).parent / "vimarl"
 FAST = ["total_steps=320", "eval_every=160", "warmup_steps=64", "batch_size=32", "eval_episodes=8",
         "progress=false", "tensorboard=false"]
@@ -63,6 +66,17 @@ def test_eval_prints_one_json_line_and_writes_a_gif(trained, tmp_path):
     assert gif.read_bytes()[:6] == b"GIF89a"
     deterministic = json.loads(run("eval", str(trained), "--episodes", "3", "--no-sample").stdout)
     assert deterministic["deterministic"] is True
+
+
+def test_eval_reports_every_execution_mode_of_vm3ac(tmp_path, capsys):
+    out = vimarl.train("vm3ac", "pp_capture_n2", out=str(tmp_path / "vm3ac"), total_steps=40, num_envs=2,
+                       warmup_steps=20, update_every=10, gradient_steps=1, batch_size=8, eval_every=40,
+                       eval_episodes=2, buffer_size=1000, progress=False, tensorboard=False,
+                       env_config={"episode_length": 10})
+    assert main(["eval", str(out), "--episodes", "3"]) == 0  # in-process: no second interpreter start
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["return_mean_by_mode"]) == {"z_mean", "z_shared_seed"}
+    assert result["return_mean_by_mode"]["z_mean"] == result["return_mean"]  # z_mode=mean is configured
 
 
 def test_plot_over_runs(trained, tmp_path):

@@ -176,8 +176,9 @@ def test_checkpoint_keeps_the_shared_generator_position():
 
 def test_trainer_logs_both_z_modes(tmp_path):
     run = vimarl.train("vm3ac", "pp_capture_n2", out=str(tmp_path), total_steps=40, num_envs=2,
-                       warmup_steps=20, update_every=10, batch_size=8, eval_every=20, eval_episodes=2,
-                       progress=False, tensorboard=False, env_config={"episode_length": 10})
+                       warmup_steps=20, update_every=10, gradient_steps=1, batch_size=8, eval_every=20,
+                       eval_episodes=2, buffer_size=1000, progress=False, tensorboard=False,
+                       env_config={"episode_length": 10})
     rows = (run / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"eval_return_mean/z_mean", "eval_return_mean/z_shared_seed"} <= set(header)

@@ -48,6 +48,11 @@ def _eval(args: argparse.Namespace) -> None:
               "return_mean": main.mean().item(), "return_std": main.std(unbiased=False).item()}
     if len(returns) > 1:
         result["return_by_group"] = {g: r.double().mean().item() for g, r in returns.items()}
+    modes = algo.evaluation_modes()  # e.g. VM3-AC's z = 0 and shared-seed executions
+    if modes:
+        result["return_mean_by_mode"] = {
+            label: next(iter(evaluate(algo, env, seed, deterministic, mode=mode).values())).double().mean().item()
+            for label, mode in modes.items()}
     if args.gif:
         frames: list = []
         evaluate(algo, make_env(run.env, 1, seed, args.device, config=run.env_config), seed,
