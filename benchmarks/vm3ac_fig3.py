@@ -33,6 +33,10 @@ from pathlib import Path
 
 from common import final_values, plot, print_table, run_cells
 
+import vimarl
+from vimarl.algos.base import UniformPolicy
+from vimarl.train import EVAL_SEED_OFFSET, evaluate
+
 # task -> (number of agents N, the metric columns that sum to the team return)
 TASKS = {"pp_capture_n2": (2, ["eval_return_mean"]), "pp_capture_n3": (3, ["eval_return_mean"]),
          "pp_capture_n4": (4, ["eval_return_mean"]),
@@ -52,6 +56,12 @@ def train_args(task: str, label_args: tuple[str, ...], seed: int, steps: int, ou
             "warmup_steps=2000", "update_every=100", "gradient_steps=25", "batch_size=128",
             "buffer_size=500000", f"eval_every={steps // 8}", "eval_episodes=20", "progress=false",
             "tensorboard=false"]
+
+
+def uniform_random_return(task: str, episodes: int = 20) -> float:
+    """Team return of uniformly random actions on the evaluation episodes of seed 0's runs."""
+    env = vimarl.make_env(task, episodes, seed=EVAL_SEED_OFFSET)
+    return sum(float(r.mean()) for r in evaluate(UniformPolicy(env.groups), env, seed=EVAL_SEED_OFFSET).values())
 
 
 def per_agent(summary: tuple[float, float, list[float]], n_agents: int) -> str:
@@ -92,10 +102,10 @@ def main() -> None:
         finals = {label: final_values(runs(task, label), team) for label in ALGORITHMS}
         best_baseline = max(finals[label][0] for label in ("ma_ac", "maddpg"))
         rows.append([task, *(per_agent(finals[label], n) for label in ALGORITHMS),
-                     "yes" if finals["vm3ac"][0] > best_baseline else "no"])
+                     f"{uniform_random_return(task) / n:.1f}", "yes" if finals["vm3ac"][0] > best_baseline else "no"])
         plot([run for label in ALGORITHMS for run in runs(task, label)], out / f"{task}.png", team[0],
              f"002 Fig. 3, {task}: {team[0]}, {len(options.seeds)} seeds")
-    print_table(["task", *ALGORITHMS, "vm3ac above both"], rows)
+    print_table(["task", *ALGORITHMS, "uniform random", "vm3ac above both"], rows)
 
     # Table 3 reports the predator-prey tasks, whose one group's return is the team return.
     print("Table 3: VM3-AC executed with z = 0 vs shared-seed z (average agent return)\n")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vimarl.algos.base import Algorithm
+from vimarl.algos.base import UniformPolicy  # noqa: F401  (the learning tests' random baseline)
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
 from vimarl.envs.graph import Graph
@@ -79,19 +79,3 @@ def constant_actions(env: BatchedEnv, value: int) -> dict[str, Tensor]:
     spec = env.groups["agents"]
     return {"agents": torch.full((env.num_envs, spec.n_agents), value, dtype=torch.int64,
                                  device=env.device)}
-
-
-class UniformPolicy(torch.nn.Module):
-    """Uniformly random actions for every group: the 'random policy' baseline of learning tests."""
-
-    def __init__(self, groups: dict[str, GroupSpec], seed: int = 0):
-        super().__init__()
-        self.groups = groups
-        self.generator = torch.Generator().manual_seed(seed)
-
-    execution = Algorithm.execution  # nothing to set up for deployment
-
-    def act(self, obs, graph, *, explore, action_mask=None, state=None):
-        return {g: spec.action_space.sample(obs[g].shape[:2], self.generator, obs[g].device,
-                                            (action_mask or {}).get(g))
-                for g, spec in self.groups.items()}

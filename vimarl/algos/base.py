@@ -119,6 +119,23 @@ class Algorithm(nn.Module, ABC):
                               f"has {sorted(groups)}; pick an algorithm that supports heterogeneous groups")
 
 
+class UniformPolicy(nn.Module):
+    """Uniformly random actions for every group: the random-policy baseline that learning tests and
+    benchmarks compare with (`evaluate` accepts it like an Algorithm)."""
+
+    def __init__(self, groups: dict[str, GroupSpec], seed: int = 0):
+        super().__init__()
+        self.groups = groups
+        self.generator = torch.Generator().manual_seed(seed)
+
+    execution = Algorithm.execution  # nothing to set up for deployment
+
+    def act(self, obs, graph, *, explore, action_mask=None, state=None):
+        return {g: spec.action_space.sample(obs[g].shape[:2], self.generator, obs[g].device,
+                                            (action_mask or {}).get(g))
+                for g, spec in self.groups.items()}
+
+
 def adam(parameters, lr: float) -> torch.optim.Adam:
     """Adam with the fused kernel: one pass over all parameters, 2-4x faster steps on CPU than
     the default per-parameter loop, where small networks' updates are dominated by overhead."""
