@@ -113,6 +113,7 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
+        algo.observe(step, actions, next_step)
         buffer.add(codec.encode(step, actions, next_step))
         step = next_step
     return codec, buffer
