@@ -87,7 +87,7 @@ from vimarl.algos.base import Algorithm, Capabilities, adam, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec, TimeStep
 from vimarl.nn.centralized import AgentMLP, BatchedLinear
-from vimarl.nn.distributions import Categorical
+from vimarl.nn.distributions import Categorical, PolicySample
 
 
 @dataclass
@@ -457,17 +457,25 @@ class AttentionSAC(Algorithm):
         """(sum_i L_pi_i with a~ ~ pi for every agent and the counterfactual baseline, mean entropy)."""
         obs = self.joint_obs(batch.obs)
         alive = batch.joint_alive(self.groups)
-        logits, distribution = self.distribution(self.policy, obs, self.joint_action_mask(batch.action_mask, obs.shape[:-2]))
+        mask = self.joint_action_mask(batch.action_mask, obs.shape[:-2])
+        logits, distribution = self.distribution(self.policy, obs, mask)
         sample = distribution.sample()
         with torch.no_grad():  # the critic is not trained by this loss
             q, all_q, _ = self.critic(obs, F.one_hot(sample.action, self.n_actions).float(), alive)
             advantage = q - counterfactual_baseline(distribution.probs, all_q)
-        log_pi = sample.log_prob
-        reinforce = log_pi * (self.alpha * log_pi - advantage).detach()
+        reinforce = self.policy_surrogate(obs, mask, distribution, sample, advantage)
         valid = self.action_valid.to(logits.dtype)
         logit_reg = (logits.square() * valid).sum((0, -1)) / (valid.sum(-1) * logits.shape[0])  # mean per agent
         loss = (per_agent_mean(reinforce, alive) + self.config.logit_reg * logit_reg).sum()
         return loss, distribution.entropy().mean().detach()
+
+    def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
+                         advantage: Tensor) -> Tensor:
+        """Per-row loss [B, N] whose gradient is the policy gradient: log pi_i(a~_i) stopgrad(alpha log pi_i(a~_i)
+        - (Q_i - b_i)). obs and mask are for subclasses that evaluate other policies on the same rows (MAMD adds
+        its mirror-descent term to the old policy here)."""
+        log_pi = sample.log_prob
+        return log_pi * (self.alpha * log_pi - advantage).detach()
 
     # --- optimiser steps with the reference's gradient processing --------------------------
 
