@@ -52,7 +52,8 @@ Open choices (each a Config field where it is a switch):
   updates its copied running statistics.
 - Metrics: `kl_i` is the exact (Shannon, q = 1) KL(pi_i || pi_old_i) averaged over the batch rows
   where agent i is present, measured in this update's policy loss (before its step), whatever the
-  estimator and q (the quantity of the paper's Fig. 5); `kl` its mean over agents; `epsilon_i`.
+  estimator and q (the quantity of the paper's Fig. 5); `kl` its mean over agents; `epsilon_i` (the mean
+  over agents where epsilon_i is one per agent, as MAMT's learned ones).
 """
 
 from __future__ import annotations
@@ -140,19 +141,25 @@ class MirrorDescentAttentionSAC(AttentionSAC):
 
     def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
                          advantage: Tensor) -> Tensor:
-        """Eq. 10 per row [B, N]: log pi_i(a~_i) stopgrad(alpha log_q pi_i(a~_i) - (Q_i - b_i)) plus KL_i / epsilon_i
-        (exact), or with (log_q pi_i(a~_i) - log_q pi_old_i(a~_i)) / epsilon_i inside the stop-gradient (sample)."""
+        """Eq. 10 per row [B, N]: score + penalty / epsilon_i (the two terms of `mirror_descent_terms`)."""
+        score, penalty = self.mirror_descent_terms(obs, mask, distribution, sample, advantage)
+        return score + penalty / self.epsilon_i
+
+    def mirror_descent_terms(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
+                             advantage: Tensor) -> tuple[Tensor, Tensor]:
+        """(score, penalty) rows [B, N] of Eq. 10: score = log pi_i(a~_i) stopgrad(alpha log_q pi_i(a~_i) - (Q_i - b_i));
+        penalty = KL_i (exact) or log pi_i(a~_i) stopgrad(log_q pi_i(a~_i) - log_q pi_old_i(a~_i)) (sample), the term
+        weighted by 1 / epsilon_i (a hook: MAMT weighs it by learned epsilon_i and differentiates through the weight)."""
         with torch.no_grad():
             _, old = self.distribution(self.old_policy, obs, mask)
         self.last_kl_rows = categorical_divergence(distribution.log_probs.detach(), old.log_probs, mask)
         log_pi = sample.log_prob
         q = self.q_exponent
-        weight = self.alpha * probability_log(log_pi, q) - advantage
+        score = log_pi * (self.alpha * probability_log(log_pi, q) - advantage).detach()
         if self.config.kl_estimator == "sample":
             sampled_gap = probability_log(log_pi, q) - probability_log(old.log_prob(sample.action), q)
-            return log_pi * (weight + sampled_gap / self.epsilon_i).detach()
-        divergence = categorical_divergence(distribution.log_probs, old.log_probs, mask, q)
-        return log_pi * weight.detach() + divergence / self.epsilon_i
+            return score, log_pi * sampled_gap.detach()
+        return score, categorical_divergence(distribution.log_probs, old.log_probs, mask, q)
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         metrics = super().update(batch)
@@ -160,7 +167,7 @@ class MirrorDescentAttentionSAC(AttentionSAC):
         self.md_iteration += 1
         self.refresh_old_policy(self.md_iteration % self.config.md_delay == 0)
         return {**metrics, **dict(zip(self.kl_names, kl.unbind())), "kl": kl.mean(),
-                "epsilon_i": torch.tensor(self.epsilon_i, device=kl.device)}
+                "epsilon_i": torch.as_tensor(self.epsilon_i, device=kl.device).mean()}
 
     @torch.no_grad()
     def refresh_old_policy(self, due: Tensor) -> None:
