@@ -18,8 +18,12 @@ register_test_envs()
 ENVS = ["grid_coordination", "test_continuous_consensus"]
 
 
-def filled_buffer(env, algo, steps=20):
-    return fill_replay(env, algo, steps, capacity=1000)
+def training_batch(env, algo):
+    """What the trainer hands `update`: 32 replayed transitions, or one whole rollout of an
+    on-policy algorithm (time-major)."""
+    rollout = algo.rollout_length
+    codec, buffer = fill_replay(env, algo, rollout or 20, capacity=1000)
+    return codec.decode(buffer.ordered() if rollout else buffer.sample(32))
 
 
 def compatible(algo_name, env_name):
@@ -51,21 +55,21 @@ def test_act_gives_valid_actions(algo_name, env_name):
 def test_update_changes_parameters_and_reports_finite_metrics(algo_name, env_name):
     env = vimarl.make_env(env_name, 4)
     algo = vimarl.make_algo(algo_name, env)
-    codec, buffer = filled_buffer(env, algo)
+    batch = training_batch(env, algo)
     before = copy.deepcopy(algo.state_dict())
-    metrics = algo.update(codec.decode(buffer.sample(32)))
+    metrics = algo.update(batch)
     assert metrics and all(torch.isfinite(v) and v.dim() == 0 for v in metrics.values())
     changed = [k for k, v in algo.state_dict().items()
                if isinstance(v, torch.Tensor) and not torch.equal(v, before[k])]
-    assert any("policy." in k for k in changed) and any("critics." in k and ".q." in k for k in changed)
+    # The policy and a critic (Q, or MA-PPO's V) both learned.
+    assert any("policy." in k for k in changed) and any("critic" in k for k in changed)
 
 
 @pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
 def test_state_dict_carries_optimiser_state_for_exact_continuation(algo_name):
     env = vimarl.make_env("grid_coordination", 4)
     first = vimarl.make_algo(algo_name, env)
-    codec, buffer = filled_buffer(env, first)
-    batch = codec.decode(buffer.sample(32))
+    batch = training_batch(env, first)
     for _ in range(3):
         first.update(batch)
     second = vimarl.make_algo(algo_name, env)
@@ -85,7 +89,7 @@ def test_state_dict_carries_optimiser_state_for_exact_continuation(algo_name):
 def test_vpp_q_loss_is_eq8_with_target_v():
     env = vimarl.make_env("grid_coordination", 4)
     algo = vimarl.make_algo("vpp", env, gamma=0.9)
-    codec, buffer = filled_buffer(env, algo)
+    codec, buffer = fill_replay(env, algo, 20, capacity=1000)
     batch = codec.decode(buffer.sample(16))
     batch.terminated[:8] = 0.0  # bootstrapped half: r + gamma V_target(s')
     g = "agents"
@@ -100,7 +104,7 @@ def test_vpp_q_loss_is_eq8_with_target_v():
 def test_target_value_follows_polyak():
     env = vimarl.make_env("grid_coordination", 4)
     algo = vimarl.make_algo("vpp", env, tau=0.25)
-    codec, buffer = filled_buffer(env, algo)
+    codec, buffer = fill_replay(env, algo, 20, capacity=1000)
     target_before = copy.deepcopy(algo.critics["agents"].target_value.state_dict())
     algo.update(codec.decode(buffer.sample(16)))
     value_after = algo.critics["agents"].value.state_dict()

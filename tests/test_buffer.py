@@ -173,7 +173,7 @@ def test_codec_fields_dtypes_and_shapes():
     }
     fields = TransitionCodec(groups, state_dim=7).fields()
     assert fields == {
-        "terminated": ((), torch.bool),
+        "terminated": ((), torch.bool), "truncated": ((), torch.bool),
         "state": ((7,), torch.float32), "next_state": ((7,), torch.float32),
         "grid/action": ((9,), torch.int64), "grid/reward": ((9,), torch.float32),
         "grid/obs": ((9, 1), torch.float32), "grid/next_obs": ((9, 1), torch.float32),

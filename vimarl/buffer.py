@@ -57,6 +57,16 @@ class ReplayBuffer:
         index = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
         return {name: storage[index] for name, storage in self.data.items()}
 
+    def ordered(self) -> dict[str, Tensor]:
+        """Every stored row, oldest first (an on-policy rollout in the order it was collected)."""
+        start = self.position if self.size == self.capacity else 0
+        index = (start + torch.arange(self.size, device=self.device)) % self.capacity
+        return {name: storage[index] for name, storage in self.data.items()}
+
+    def clear(self) -> None:
+        """Forget every row (the storage stays allocated)."""
+        self.position = self.size = 0
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.data.values())
 
@@ -122,6 +132,9 @@ class Transition:
     """[b, N] bool per group whose agents can leave: the agent is in at s (None otherwise)."""
     next_alive: dict[str, Tensor | None] = field(default_factory=dict)
     """[b, N] bool: the agent is still in at s' (False: its own episode ended here)."""
+    truncated: Tensor | None = None
+    """[b] float32, 1.0 where the episode was cut at s' by a time limit (s' is not terminal, but the
+    sub-environment's next transition starts a new episode); what on-policy returns need."""
 
     def continuing(self, group: str) -> Tensor:
         """[b, N] (or [b, 1] when no agent can leave) 1.0 where agent i's episode goes on after
@@ -146,7 +159,8 @@ class TransitionCodec:
         self.state_dim = state_dim
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"terminated": ((), torch.bool)}
+        fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"terminated": ((), torch.bool),
+                                                                  "truncated": ((), torch.bool)}
         if self.state_dim:
             fields["state"] = fields["next_state"] = ((self.state_dim,), torch.float32)
         for name, spec in self.groups.items():
@@ -171,7 +185,7 @@ class TransitionCodec:
     def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep) -> dict[str, Tensor]:
         """Rows for one env step of B sub-environments; s' is the pre-reset final step."""
         final = next_step.final_view()
-        rows: dict[str, Tensor] = {"terminated": next_step.terminated}
+        rows: dict[str, Tensor] = {"terminated": next_step.terminated, "truncated": next_step.truncated}
         if self.state_dim:
             rows["state"], rows["next_state"] = step.state, final.state
         for name, spec in self.groups.items():
@@ -205,5 +219,5 @@ class TransitionCodec:
             next_obs=per_group("next_obs"), next_graph={n: graph(n, "next_") for n in self.groups},
             next_action_mask=per_group("next_action_mask"), next_state=rows.get("next_state"),
             terminated=rows["terminated"].float(),
-            alive=per_group("alive"), next_alive=per_group("next_alive"),
+            alive=per_group("alive"), next_alive=per_group("next_alive"), truncated=rows["truncated"].float(),
         )

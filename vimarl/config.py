@@ -51,15 +51,18 @@ class TrainConfig:
     tensor (1.2-3.5x faster updates at N = 1,225), for 1.3-1.6x more peak memory
     (docs/benchmarks.md, VPP scaling). Process-wide; stays on for the rest of the process."""
     warmup_steps: int = 1000
-    """Environment steps of uniformly random actions before the policy acts and updates start."""
+    """Environment steps of uniformly random actions before the policy acts and updates start
+    (replay algorithms; on-policy ones act from the start)."""
     update_every: int = 1
-    """Environment steps between updates (the update-to-data ratio does not depend on num_envs)."""
+    """Environment steps between updates (the update-to-data ratio does not depend on num_envs);
+    on-policy algorithms update once per rollout instead."""
     gradient_steps: int = 1
     """Gradient steps per update."""
     batch_size: int = 1024
-    """Transitions per gradient step."""
+    """Transitions per gradient step (on-policy algorithms set their minibatches in their config)."""
     buffer_size: int = 1_000_000
-    """Replay capacity in transitions (one transition = one step of one sub-environment)."""
+    """Replay capacity in transitions (one transition = one step of one sub-environment); on-policy
+    algorithms store one rollout of rollout_length x num_envs instead."""
     eval_every: int = 1000
     """Environment steps between deterministic evaluations."""
     eval_episodes: int = 10

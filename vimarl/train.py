@@ -113,6 +113,7 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
+        algo.observe(step, actions, next_step)
         buffer.add(codec.encode(step, actions, next_step))
         step = next_step
     return codec, buffer
@@ -135,7 +136,9 @@ class Trainer:
                                  device, config=run.env_config)
         self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
         self.codec = TransitionCodec(self.algo.groups, self.env.state_dim)
-        self.buffer = ReplayBuffer(self.config.buffer_size, self.codec.fields(), device, self.config.seed)
+        rollout = self.algo.rollout_length  # on-policy: the buffer holds exactly one rollout
+        capacity = rollout * self.config.num_envs if rollout else self.config.buffer_size
+        self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed)
         self.random_actions = torch.Generator(device=device)
         self.random_actions.manual_seed(self.config.seed + 1)
         self.env_steps = self.updates = 0
@@ -188,13 +191,14 @@ class Trainer:
     def _collect(self) -> None:
         """One vectorised env step: B transitions into the buffer."""
         config = self.config
-        if self.env_steps < config.warmup_steps:
+        if self.env_steps < config.warmup_steps and not self.algo.rollout_length:
             actions = {g: spec.action_space.sample(
                 (self.env.num_envs, spec.n_agents), self.random_actions, self.env.device,
                 self.step.groups[g].action_mask) for g, spec in self.algo.groups.items()}
         else:
             actions = act(self.algo, self.step, explore=True)
         next_step = self.env.step(actions)
+        self.algo.observe(self.step, actions, next_step)
         self.buffer.add(self.codec.encode(self.step, actions, next_step))
         team_reward = sum(next_step.groups[g].reward.sum(-1) for g in self.algo.groups)
         self.episode_returns += team_reward
@@ -206,15 +210,22 @@ class Trainer:
 
     def _learn(self, before: int) -> None:
         config = self.config
+        if self.algo.rollout_length:  # on-policy: one update per full rollout, then a fresh one
+            if len(self.buffer) == self.buffer.capacity:
+                self._record(self.algo.update(self.codec.decode(self.buffer.ordered())))
+                self.buffer.clear()
+            return
         if self.env_steps <= config.warmup_steps or len(self.buffer) == 0:
             return
         due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
         for _ in range(due * config.gradient_steps):
-            metrics = self.algo.update(self.codec.decode(self.buffer.sample(config.batch_size)))
-            for key, value in metrics.items():
-                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
-            self.metric_count += 1
-            self.updates += 1
+            self._record(self.algo.update(self.codec.decode(self.buffer.sample(config.batch_size))))
+
+    def _record(self, metrics: dict[str, Tensor]) -> None:
+        for key, value in metrics.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+        self.metric_count += 1
+        self.updates += 1
 
     def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float]):
         returns = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,

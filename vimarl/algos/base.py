@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from vimarl.buffer import Transition
-from vimarl.envs.base import GroupSpec
+from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError, unknown
 
@@ -68,12 +68,27 @@ class Algorithm(nn.Module, ABC):
     def update(self, batch: Transition) -> dict[str, Tensor]:
         """One gradient step on a batch; returns detached scalar metrics (no host sync)."""
 
-    def optimize(self, name: str, loss: Tensor) -> None:
-        """One step of optimiser `name` on `loss` (gradients cleared first)."""
+    def optimize(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
+        """One step of optimiser `name` on `loss` (gradients cleared first, their norm clipped to
+        `max_grad_norm` when given)."""
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           max_grad_norm)
         optimizer.step()
+
+    @property
+    def rollout_length(self) -> int | None:
+        """On-policy algorithms: vectorised env steps per rollout. The trainer then stores exactly
+        one rollout, hands all of it to `update` (rows time-major: step t of sub-environment b is
+        row t * B + b) and discards it; no warm-up of random actions. None (the default): learn
+        from a replay buffer."""
+        return None
+
+    def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
+        """Every collected vectorised step, as it is stored (e.g. MAAC's reward statistics)."""
 
     def evaluation_modes(self) -> dict[str, str]:
         """Other ways to execute the trained policies that evaluation reports too, as

@@ -49,6 +49,10 @@ class Categorical:
     def entropy(self) -> Tensor:
         return -(self.probs * self.log_probs).sum(-1)
 
+    def log_prob(self, action: Tensor) -> Tensor:
+        """log q(a) of stored actions [..] (int64)."""
+        return self.log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
     def sample(self) -> PolicySample:
         """Straight-through Gumbel-softmax: a hard one-hot forward, soft gradients backward."""
         uniform = torch.rand_like(self.logits).clamp_(1e-10, 1.0 - 1e-7)
@@ -59,8 +63,7 @@ class Categorical:
         # soft - soft.detach() is exactly 0 forward, so the value is exactly `hard`; as
         # (hard + soft) - soft it would be off by an ulp where soft is not a power of two.
         one_hot = hard + (soft - soft.detach())
-        log_prob = self.log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
-        return PolicySample(action, one_hot, log_prob, -self.entropy())
+        return PolicySample(action, one_hot, self.log_prob(action), -self.entropy())
 
     def mode(self) -> Tensor:
         return self.logits.argmax(-1)
@@ -86,11 +89,24 @@ class TanhGaussian:
         noise = torch.randn_like(self.mean)
         pre_tanh = self.mean + self.log_std.exp() * noise
         action = self.offset + self.scale * torch.tanh(pre_tanh)
-        gaussian_log_prob = _standard_normal_log_prob(noise, self.log_std)
+        log_prob = self._log_prob(noise, pre_tanh)
+        return PolicySample(action, action, log_prob, log_prob)
+
+    def _log_prob(self, noise: Tensor, pre_tanh: Tensor) -> Tensor:
         # log |d action / d pre_tanh| = log scale + log(1 - tanh^2), written stably.
         log_det = (math.log(self.scale) + 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
-        log_prob = gaussian_log_prob - log_det
-        return PolicySample(action, action, log_prob, log_prob)
+        return _standard_normal_log_prob(noise, self.log_std) - log_det
+
+    def log_prob(self, action: Tensor) -> Tensor:
+        """log q(a) of stored actions [.., A], inverting the squash (actions on the bounds are moved
+        1e-6 inside, where atanh is finite)."""
+        unit = ((action - self.offset) / self.scale).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        pre_tanh = torch.atanh(unit)
+        return self._log_prob((pre_tanh - self.mean) / self.log_std.exp(), pre_tanh)
+
+    def entropy(self) -> Tensor:
+        """Entropy of the Gaussian before the squash (the squashed one has no closed form)."""
+        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
 
     def mode(self) -> Tensor:
         return self.offset + self.scale * torch.tanh(self.mean)

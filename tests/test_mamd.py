@@ -1,0 +1,181 @@
+"""MAMD (paper 004, Sec. 5.1): the q-log, the mirror-descent KL term of Eq. 10 against an old policy
+refreshed every md_delay updates, the epsilon -> infinity limit (MAAC), updates on real envs, checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+import vimarl
+from vimarl.algos.maac import AttentionSAC, AttentionSACConfig
+from vimarl.algos.mamd import MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence, tsallis_log
+from vimarl.buffer import Transition
+from vimarl.envs.base import Discrete, GroupSpec
+from vimarl.train import fill_replay
+
+N, OBS, A = 3, 2, 3
+SPEC = {"agents": GroupSpec(n_agents=N, obs_dim=OBS, action_space=Discrete(A))}
+SMALL = dict(critic_hidden_dim=8, attend_heads=2, policy_hidden_dim=4)
+
+
+def tiny(**config) -> MirrorDescentAttentionSAC:
+    return MirrorDescentAttentionSAC(SPEC, 0, MirrorDescentConfig(**SMALL, **config))
+
+
+def batch_of(b: int) -> Transition:
+    g = "agents"
+    return Transition(obs={g: torch.randn(b, N, OBS)}, graph={g: None}, action_mask={g: None}, state=None,
+                      action={g: torch.randint(A, (b, N))}, reward={g: torch.randn(b, N)},
+                      next_obs={g: torch.randn(b, N, OBS)}, next_graph={g: None}, next_action_mask={g: None},
+                      next_state=None, terminated=torch.zeros(b), next_alive={g: None})
+
+
+def old_equals_current(algo) -> bool:
+    old, current = algo.old_policy.state_dict(), algo.policy.state_dict()
+    return all(torch.equal(old[k], current[k]) for k in current)
+
+
+def test_tsallis_log_is_the_log_at_q_one_and_the_formula_elsewhere():
+    x = torch.tensor([0.25, 1.0, 4.0])
+    assert torch.equal(tsallis_log(x.log(), 1.0), x.log())
+    # (x^(1-q) - 1) / (1 - q): q = 0.5 -> 2 (sqrt x - 1); q = 2 -> 1 - 1/x; q = 0 -> x - 1.
+    assert torch.allclose(tsallis_log(x.log(), 0.5), torch.tensor([-1.0, 0.0, 2.0]))
+    assert torch.allclose(tsallis_log(x.log(), 2.0), torch.tensor([-3.0, 0.0, 0.75]))
+    assert torch.allclose(tsallis_log(x.log(), 0.0), torch.tensor([-0.75, 0.0, 3.0]))
+    # The algorithm's field is MDPO's tsallis_q, exponent q = 2 - tsallis_q (Table 1: 0.2 -> 1.8).
+    assert tiny().q_exponent == pytest.approx(1.8) and tiny(tsallis_q=1.0).q_exponent == 1.0
+
+
+def test_categorical_divergence_is_the_exact_kl_over_valid_actions():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    p_old = torch.tensor([0.25, 0.75, 0.0])
+    valid = torch.tensor([True, True, False])
+    log_p = p.log().requires_grad_()
+    kl = categorical_divergence(log_p, p_old.log(), valid)
+    assert torch.allclose(kl, torch.tensor(0.5 * math.log(2) + 0.5 * math.log(2 / 3)))
+    kl.backward()
+    assert torch.isfinite(log_p.grad).all()  # the masked action (log 0 - log 0) leaks no nan
+    assert torch.allclose(categorical_divergence(p_old.log(), p_old.log(), valid, q=1.8), torch.tensor(0.0))
+
+
+def test_kl_term_is_zero_at_the_old_policy_and_positive_after_a_policy_step():
+    torch.manual_seed(0)
+    algo = tiny(tsallis_q=1.0, md_delay=100)
+    batch = batch_of(64)
+    first = algo.update(batch)  # measured before the step: the policy is still its copy
+    assert all(first[f"kl_{i}"] == 0.0 for i in range(N)) and first["kl"] == 0.0
+    second = algo.update(batch)
+    assert all(second[f"kl_{i}"] > 0.0 for i in range(N))
+    assert second["epsilon_i"] == pytest.approx(1.0 / N)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_at_a_refresh_the_trust_region_does_not_change_the_loss(estimator):
+    torch.manual_seed(0)
+    algo = tiny(tsallis_q=1.0, kl_estimator=estimator)
+    batch = batch_of(64)
+    losses = []
+    for epsilon_i in (1e-3, 1e12):
+        algo.epsilon_i = epsilon_i
+        torch.manual_seed(5)
+        losses.append(algo.policy_loss(batch)[0])
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_old_policy_is_a_hard_copy_every_md_delay_updates_and_frozen_in_between():
+    torch.manual_seed(0)
+    algo = tiny(md_delay=3)
+    batch = batch_of(32)
+    assert old_equals_current(algo)  # Algorithm 1 line 3
+    snapshots = []
+    for update in range(1, 8):
+        algo.update(batch)
+        assert algo.md_iteration.item() == update
+        assert old_equals_current(algo) == (update % 3 == 0), update
+        snapshots.append({k: v.clone() for k, v in algo.old_policy.state_dict().items()})
+    for refreshed, later in [(2, 3), (2, 4), (5, 6)]:  # snapshots after updates 3, 4, 5 and 6, 7
+        assert all(torch.equal(snapshots[refreshed][k], snapshots[later][k]) for k in snapshots[refreshed])
+    assert not all(torch.equal(snapshots[2][k], snapshots[5][k]) for k in snapshots[2])
+    assert all(not p.requires_grad for p in algo.old_policy.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_with_a_huge_trust_region_the_policy_loss_is_maacs(estimator):
+    torch.manual_seed(0)
+    algo = tiny(tsallis_q=1.0, kl_estimator=estimator, trust_region=1e15, md_delay=100)
+    batch = batch_of(64)
+    algo.update(batch)
+    algo.update(batch)  # the policy has left its old copy
+    maac = AttentionSAC(SPEC, 0, AttentionSACConfig(**SMALL))
+    maac.load_state_dict({k: v for k, v in algo.state_dict().items() if not k.startswith(("old_policy", "md_"))})
+    torch.manual_seed(5)
+    loss, entropy = algo.policy_loss(batch)
+    assert algo.last_kl_rows.sum() > 0
+    torch.manual_seed(5)
+    expected, expected_entropy = maac.policy_loss(batch)
+    assert torch.allclose(loss, expected, atol=1e-6, rtol=0) and torch.equal(entropy, expected_entropy)
+    # A tight trust region is felt: the same batch and seed give another loss.
+    algo.epsilon_i = 1e-4
+    torch.manual_seed(5)
+    assert not torch.allclose(algo.policy_loss(batch)[0], expected, atol=1e-3)
+
+
+def test_sample_estimate_adds_the_kl_at_the_sampled_action_to_the_score_weight():
+    torch.manual_seed(0)
+    algo = tiny(tsallis_q=1.0, kl_estimator="sample", md_delay=100)
+    batch = batch_of(64)
+    algo.update(batch)
+    torch.manual_seed(5)
+    loss, _ = algo.policy_loss(batch)
+    algo.epsilon_i = 1e15
+    torch.manual_seed(5)
+    without, _ = algo.policy_loss(batch)
+    # Rebuild the added term log pi(a~) (log pi(a~) - log pi_old(a~)) / epsilon_i with the same sample.
+    obs = batch.obs["agents"]
+    torch.manual_seed(5)
+    _, distribution = algo.distribution(algo.policy, obs, None)
+    sample = distribution.sample()
+    _, old = algo.distribution(algo.old_policy, obs, None)
+    log_pi = sample.log_prob.detach()
+    added = (log_pi * (log_pi - old.log_prob(sample.action)) * N).mean(0).sum()  # epsilon_i = 1 / N
+    assert torch.allclose(loss - without, added, atol=1e-5)
+
+
+@pytest.mark.parametrize("env_name", ["spread_n2", "rover_tower", "spread3"])
+def test_update_on_a_real_env_moves_every_parameter(env_name):
+    env = vimarl.make_env(env_name, 4)
+    algo = vimarl.make_algo("mamd", env, md_delay=1)  # the old copy refreshes after this update too
+    codec, buffer = fill_replay(env, algo, 20, capacity=1000)
+    before = {k: v.clone() for k, v in algo.named_parameters()}
+    metrics = algo.update(codec.decode(buffer.sample(32)))
+    n = algo.n_agents
+    assert set(metrics) == {"loss_q", "attention_reg", "loss_policy", "entropy", "kl", "epsilon_i",
+                            *(f"kl_{i}" for i in range(n))}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in metrics.values())
+    assert metrics["epsilon_i"] == pytest.approx(1.0 / n)
+    unmoved = [k for k, v in algo.named_parameters() if torch.equal(v, before[k])]
+    assert not unmoved
+    assert old_equals_current(algo)
+
+
+def test_state_dict_round_trip_keeps_the_counter_and_the_old_policy():
+    torch.manual_seed(0)
+    first = tiny(md_delay=3)
+    batch = batch_of(32)
+    for _ in range(4):
+        first.update(batch)  # refreshed at 3, then moved once
+    second = tiny(md_delay=3)
+    second.load_state_dict(first.state_dict())
+    assert second.md_iteration.item() == 4
+    assert all(torch.equal(a, b) for a, b in zip(first.old_policy.state_dict().values(),
+                                                 second.old_policy.state_dict().values()))
+    assert not old_equals_current(second)
+    for _ in range(2):  # both refresh at update 6
+        torch.manual_seed(1)
+        first.update(batch)
+        torch.manual_seed(1)
+        second.update(batch)
+    assert old_equals_current(first) and old_equals_current(second)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
