@@ -7,8 +7,8 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 RUN_DIR ?= runs/default
 RUN_ARGS ?=
-# One pytest worker per core (tests use one torch thread each); whole test files stay on one worker.
-PYTEST_ARGS ?= -n auto --dist loadfile
+# One pytest worker per core (tests use one torch thread each); idle workers take tests from busy ones.
+PYTEST_ARGS ?= -n auto --dist worksteal
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
