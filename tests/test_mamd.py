@@ -10,7 +10,9 @@ import vimarl
 from vimarl.algos.maac import AttentionSAC, AttentionSACConfig
 from vimarl.algos.mamd import MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence, tsallis_log
 from vimarl.buffer import Transition
+from vimarl.config import resolve
 from vimarl.envs.base import Discrete, GroupSpec
+from vimarl.errors import VimarlError
 from vimarl.train import fill_replay
 
 N, OBS, A = 3, 2, 3
@@ -28,6 +30,18 @@ def batch_of(b: int) -> Transition:
                       action={g: torch.randint(A, (b, N))}, reward={g: torch.randn(b, N)},
                       next_obs={g: torch.randn(b, N, OBS)}, next_graph={g: None}, next_action_mask={g: None},
                       next_state=None, terminated=torch.zeros(b), next_alive={g: None})
+
+
+def moved_away_with_maac_twin(**config):
+    """An algorithm whose policy has left its old copy (two updates), a MAAC with the same weights, the batch."""
+    torch.manual_seed(0)
+    algo = tiny(tsallis_q=1.0, md_delay=100, **config)
+    batch = batch_of(64)
+    algo.update(batch)
+    algo.update(batch)
+    maac = AttentionSAC(SPEC, 0, AttentionSACConfig(**SMALL))
+    maac.load_state_dict({k: v for k, v in algo.state_dict().items() if not k.startswith(("old_policy", "md_"))})
+    return algo, maac, batch
 
 
 def old_equals_current(algo) -> bool:
@@ -101,13 +115,7 @@ def test_old_policy_is_a_hard_copy_every_md_delay_updates_and_frozen_in_between(
 
 @pytest.mark.parametrize("estimator", ["exact", "sample"])
 def test_with_a_huge_trust_region_the_policy_loss_is_maacs(estimator):
-    torch.manual_seed(0)
-    algo = tiny(tsallis_q=1.0, kl_estimator=estimator, trust_region=1e15, md_delay=100)
-    batch = batch_of(64)
-    algo.update(batch)
-    algo.update(batch)  # the policy has left its old copy
-    maac = AttentionSAC(SPEC, 0, AttentionSACConfig(**SMALL))
-    maac.load_state_dict({k: v for k, v in algo.state_dict().items() if not k.startswith(("old_policy", "md_"))})
+    algo, maac, batch = moved_away_with_maac_twin(kl_estimator=estimator, trust_region=1e15)
     torch.manual_seed(5)
     loss, entropy = algo.policy_loss(batch)
     assert algo.last_kl_rows.sum() > 0
@@ -179,3 +187,32 @@ def test_state_dict_round_trip_keeps_the_counter_and_the_old_policy():
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+def test_unconstrained_agents_of_a_hand_assigned_decomposition_follow_maac():
+    """MAMD-OP (004 App. F): local_trust_regions = inf for every agent is MAAC; a finite one is felt."""
+    algo, maac, batch = moved_away_with_maac_twin(local_trust_regions=(math.inf, math.inf, math.inf))
+    torch.manual_seed(5)
+    loss, _ = algo.policy_loss(batch)
+    torch.manual_seed(5)
+    assert torch.allclose(loss, maac.policy_loss(batch)[0], atol=1e-6, rtol=0)
+    algo.epsilon_i = torch.tensor([math.inf, 1e-4, math.inf])
+    torch.manual_seed(5)
+    assert not torch.allclose(algo.policy_loss(batch)[0], loss, atol=1e-3)
+
+
+@pytest.mark.parametrize("preset, coupling, regions", [
+    ("op_sep", "sep", (math.inf,) * 3), ("op_mix", "mix", (0.5, 0.5, math.inf)), ("op_ful", "ful", (1 / 3,) * 3)])
+def test_mamd_op_presets_assign_the_trust_regions_by_coupling(preset, coupling, regions):
+    run = resolve("mamd", "spread3", preset=preset)
+    assert run.env_config.coupling == coupling
+    assert run.algo_config.local_trust_regions == pytest.approx(regions)
+    algo = vimarl.make_algo("mamd", vimarl.make_env("spread3", 2, coupling=coupling), run.algo_config)
+    assert algo.epsilon_i.tolist() == pytest.approx(list(regions))
+
+
+def test_trust_regions_must_match_the_agents():
+    with pytest.raises(VimarlError, match="needs 3 positive values"):
+        vimarl.make_algo("mamd", vimarl.make_env("spread3", 2), local_trust_regions=(1.0, 1.0))
+    with pytest.raises(VimarlError, match="mamt learns its local trust regions"):
+        vimarl.make_algo("mamt", vimarl.make_env("spread3", 2), local_trust_regions=(1.0, 1.0, 1.0))

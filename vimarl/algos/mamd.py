@@ -70,6 +70,7 @@ from vimarl.algos.base import Capabilities, register
 from vimarl.algos.maac import AttentionSAC, AttentionSACConfig, per_agent_mean
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
+from vimarl.errors import VimarlError
 from vimarl.nn.distributions import Categorical, PolicySample
 
 PROBABILITY_FLOOR = 1e-6
@@ -82,6 +83,9 @@ class MirrorDescentConfig(AttentionSACConfig):
     """The joint trust region epsilon; every agent gets epsilon_i = epsilon / n (Eq. 8) and the KL weight
     1 / epsilon_i in its policy loss (Eq. 10). Not given in the paper; chosen inside Table 1's trust-region
     range 0.01..100."""
+    local_trust_regions: tuple[float, ...] = ()
+    """Per-agent epsilon_i replacing the equal split, for a decomposition assigned by hand (MAMD-OP, 004 App. F:
+    e.g. `--preset op_mix` on spread3); `.inf` leaves an agent unconstrained. Empty: epsilon / n for everyone."""
     md_delay: int = 100
     """Updates between hard copies of the policies into the old policy pi_old (Table 1: mirror-descent delay 100)."""
     kl_estimator: Literal["exact", "sample"] = "exact"
@@ -134,6 +138,11 @@ class MirrorDescentAttentionSAC(AttentionSAC):
                 module.track_running_stats = False
         self.register_buffer("md_iteration", torch.zeros((), dtype=torch.long, device=self.device))
         self.epsilon_i = config.trust_region / self.n_agents
+        if config.local_trust_regions:
+            if len(config.local_trust_regions) != self.n_agents or min(config.local_trust_regions) <= 0:
+                raise VimarlError(f"algo.local_trust_regions needs {self.n_agents} positive values (one per agent, "
+                                  f".inf for none), got {list(config.local_trust_regions)}")
+            self.epsilon_i = torch.tensor(config.local_trust_regions, device=self.device)
         self.q_exponent = 2.0 - config.tsallis_q
         self.kl_names = [f"kl_{i}" for i in range(self.n_agents)]
         # KL(pi_i || pi_old_i) [B, N] of the latest policy loss, for `update`'s metrics.

@@ -98,6 +98,7 @@ from vimarl.algos.maac import (AgentBatchNorm, AgentPolicies, AttentionCritic, a
 from vimarl.algos.mamd import MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
+from vimarl.errors import VimarlError
 from vimarl.nn.centralized import AgentMLP
 from vimarl.nn.distributions import Categorical, PolicySample
 
@@ -227,6 +228,8 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
             raise ValueError(f"mamt needs >= 2 agents (it models the others) and per-agent policies "
                              f"(parameter_sharing off: the epsilon gradient is per agent), got {n}, "
                              f"parameter_sharing={config.parameter_sharing}")
+        if config.local_trust_regions:
+            raise VimarlError("mamt learns its local trust regions; algo.local_trust_regions (MAMD-OP) is for mamd")
         if config.epsilon_delay < 1 or not 0 < config.epsilon_min <= config.epsilon_max:
             raise ValueError(f"mamt needs epsilon_delay >= 1 and 0 < epsilon_min <= epsilon_max, got "
                              f"{config.epsilon_delay}, {config.epsilon_min}, {config.epsilon_max}")
