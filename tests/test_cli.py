@@ -140,3 +140,18 @@ def test_train_options_may_come_before_the_overrides(monkeypatch):
     assert cli.main(["train", "vpp", "spread", "--preset", "cpu", "seed=3", "out=x"]) == 0
     assert seen == {"items": ["vpp", "spread", "seed=3", "out=x"], "preset": "cpu"}
     assert cli.main(["train", "vpp", "spread", "--preset", "cpu", "seed=3", "--bogus"]) == 2
+
+
+def test_plot_draws_a_metric_pattern_and_a_coordination_matrix(tmp_path):
+    run_dir = tmp_path / "mamt-run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("env_steps,kl_0,kl_1,coord_0_1,coord_1_0\n0,0.0,0.0,0.0,0.0\n"
+                                         "100,0.2,0.4,0.9,0.1\n")
+    from vimarl.plots import curves, matching_columns
+    assert matching_columns(run_dir, "kl_*") == ["kl_0", "kl_1"]
+    assert curves([run_dir], "kl_1")["mamt-run"][1].tolist() == [0.0, 0.4]
+    for option in (["--metric", "kl_*"], ["--matrix", "coord"]):
+        out = tmp_path / f"{option[1].strip('*_')}.png"
+        assert main(["plot", str(run_dir), "--out", str(out), *option]) == 0
+        assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "x.png"), "--matrix", "dns"]) == 2

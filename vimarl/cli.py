@@ -75,12 +75,15 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from vimarl.plots import plot_runs
+    from vimarl.plots import plot_matrix, plot_runs
 
     for run_dir in args.run_dirs:
         if not Path(run_dir).is_dir():
             raise VimarlError(f"{run_dir} is not a directory; pass OUT directories of vimarl train runs")
-    out = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.metric, args.x, args.title)
+    if args.matrix:
+        out = plot_matrix(Path(args.run_dirs[0]), Path(args.out), args.matrix, args.title)
+    else:
+        out = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.metric, args.x, args.title)
     print(f"plot written to {out}", file=sys.stderr)
 
 
@@ -119,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="mean and std over runs against env steps")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", required=True)
-    plot.add_argument("--metric", default="eval_return_mean")
+    plot.add_argument("--metric", default="eval_return_mean", help="a column, or a pattern such as 'kl_*'")
+    plot.add_argument("--matrix", metavar="PREFIX", help="heatmap of the PREFIX_<i>_<j> columns at the last "
+                      "evaluation of the first run (e.g. coord: MAMT's coordination coefficients)")
     plot.add_argument("--x", default="env_steps", help="env_steps, agent_steps or wall_s")
     plot.add_argument("--title", default=None)
     plot.set_defaults(handler=_plot)

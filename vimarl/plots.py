@@ -8,6 +8,7 @@ settings that tell apart curves with the same algorithm and environment.
 
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 from pathlib import Path
 
@@ -83,14 +84,32 @@ def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env
     return result
 
 
-def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
-              x: str = "env_steps", title: str | None = None) -> Path:
-    """Draw `metric` against `x` for the runs and save a PNG to `out`."""
+def matching_columns(run_dir: Path, pattern: str) -> list[str]:
+    """The metrics.csv columns of a run that match a shell-style pattern (`kl_*`), in column order."""
+    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    columns = [c for c in (rows[0] if rows else {}) if fnmatch.fnmatchcase(c, pattern)]
+    if not columns:
+        raise VimarlError(f"{run_dir}/metrics.csv has no column matching '{pattern}'")
+    return columns
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    drawn = curves(run_dirs, metric, x)
+
+def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
+              x: str = "env_steps", title: str | None = None) -> Path:
+    """Draw `metric` against `x` for the runs and save a PNG to `out`. A pattern such as `kl_*`
+    draws every matching column (e.g. one curve per agent of 004's diagnostics)."""
+    plt = _pyplot()
+    metrics = matching_columns(run_dirs[0], metric) if any(c in metric for c in "*?[") else [metric]
+    drawn = {}
+    for name in metrics:
+        for label, curve in curves(run_dirs, name, x).items():
+            drawn[f"{name}: {label}" if len(metrics) > 1 else label] = curve
     # Long legends go under the axes so they never hide the curves.
     figure, axes = plt.subplots(figsize=(6.4, 4.0 + 0.25 * len(drawn) * (len(drawn) > 2)), dpi=120)
     for label, (steps, mean, spread, n_runs) in drawn.items():
@@ -110,5 +129,33 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, bbox_inches="tight")  # keeps a legend wider than the axes whole
+    plt.close(figure)
+    return out
+
+
+def plot_matrix(run_dir: Path, out: Path, prefix: str = "coord", title: str | None = None) -> Path:
+    """Draw the matrix logged as `<prefix>_<i>_<j>` columns (MAMT's coordination coefficients, 004
+    Fig. 7) at the run's last evaluation as a heatmap; absent entries (i = j) are blank."""
+    plt = _pyplot()
+    row = read_metrics(Path(run_dir) / "metrics.csv")[-1]
+    cells = {tuple(map(int, key[len(prefix) + 1:].split("_"))): value for key, value in row.items()
+             if key.startswith(prefix + "_") and key[len(prefix) + 1:].replace("_", "").isdigit()}
+    if not cells:
+        raise VimarlError(f"{run_dir}/metrics.csv has no {prefix}_<i>_<j> columns")
+    n = max(max(index) for index in cells) + 1
+    matrix = np.full((n, n), np.nan)
+    for (i, j), value in cells.items():
+        matrix[i, j] = value
+    figure, axes = plt.subplots(figsize=(4.8, 4.0), dpi=120)
+    image = axes.imshow(matrix, cmap="viridis")
+    figure.colorbar(image, ax=axes)
+    axes.set_xticks(range(n))
+    axes.set_yticks(range(n))
+    axes.set_xlabel("agent j")
+    axes.set_ylabel("agent i")
+    axes.set_title(title or f"{prefix} at {int(row['env_steps'])} env steps")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, bbox_inches="tight")
     plt.close(figure)
     return out
