@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from vimarl.algos.base import UniformPolicy  # noqa: F401  (the learning tests' random baseline)
+from vimarl.buffer import Transition
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
 from vimarl.envs.graph import Graph
@@ -79,3 +80,21 @@ def constant_actions(env: BatchedEnv, value: int) -> dict[str, Tensor]:
     spec = env.groups["agents"]
     return {"agents": torch.full((env.num_envs, spec.n_agents), value, dtype=torch.int64,
                                  device=env.device)}
+
+
+def random_discrete_transition(b: int, n: int, obs_dim: int, n_actions: int, terminated: Tensor | None = None,
+                               next_alive: Tensor | None = None) -> Transition:
+    """b random transitions of one group "agents" of n agents with Discrete(n_actions) actions."""
+    g = "agents"
+    return Transition(obs={g: torch.randn(b, n, obs_dim)}, graph={g: None}, action_mask={g: None}, state=None,
+                      action={g: torch.randint(n_actions, (b, n))}, reward={g: torch.randn(b, n)},
+                      next_obs={g: torch.randn(b, n, obs_dim)}, next_graph={g: None}, next_action_mask={g: None},
+                      next_state=None, terminated=torch.zeros(b) if terminated is None else terminated,
+                      next_alive={g: next_alive})
+
+
+def assert_same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
+    """Every tensor of the two state dicts is equal (names in the failure message)."""
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name

@@ -12,6 +12,7 @@ from vimarl.errors import VimarlError
 from vimarl.nn.distributions import action_features
 from vimarl.train import act, fill_replay
 
+from helpers import assert_same_state
 from toy_envs import register_test_envs
 
 register_test_envs()
@@ -81,9 +82,7 @@ def test_state_dict_carries_optimiser_state_for_exact_continuation(algo_name):
     first.update(batch)
     torch.manual_seed(1)
     second.update(batch)
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), name
+    assert_same_state(first, second)
 
 
 def test_vpp_q_loss_is_eq8_with_target_v():

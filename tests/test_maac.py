@@ -23,6 +23,8 @@ from vimarl.errors import VimarlError
 from vimarl.nn.distributions import Categorical
 from vimarl.train import fill_replay
 
+from helpers import random_discrete_transition
+
 N, OBS, A = 3, 2, 3
 SPEC = {"agents": GroupSpec(n_agents=N, obs_dim=OBS, action_space=Discrete(A))}
 
@@ -32,12 +34,7 @@ def tiny(**config) -> AttentionSAC:
 
 
 def batch_of(b: int, terminated=None, next_alive=None) -> Transition:
-    g = "agents"
-    return Transition(obs={g: torch.randn(b, N, OBS)}, graph={g: None}, action_mask={g: None}, state=None,
-                      action={g: torch.randint(A, (b, N))}, reward={g: torch.randn(b, N)},
-                      next_obs={g: torch.randn(b, N, OBS)}, next_graph={g: None}, next_action_mask={g: None},
-                      next_state=None, terminated=torch.zeros(b) if terminated is None else terminated,
-                      next_alive={g: next_alive})
+    return random_discrete_transition(b, N, OBS, A, terminated, next_alive)
 
 
 @torch.no_grad()

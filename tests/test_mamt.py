@@ -15,6 +15,8 @@ from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.train import fill_replay
 
+from helpers import assert_same_state, random_discrete_transition
+
 N, OBS, A = 3, 2, 3
 SPEC = {"agents": GroupSpec(n_agents=N, obs_dim=OBS, action_space=Discrete(A))}
 SMALL = dict(critic_hidden_dim=8, attend_heads=2, policy_hidden_dim=4, model_hidden_dim=8, trd_hidden_dim=8,
@@ -26,11 +28,7 @@ def tiny(**config) -> TrustRegionDecompositionSAC:
 
 
 def batch_of(b: int) -> Transition:
-    g = "agents"
-    return Transition(obs={g: torch.randn(b, N, OBS)}, graph={g: None}, action_mask={g: None}, state=None,
-                      action={g: torch.randint(A, (b, N))}, reward={g: torch.randn(b, N)},
-                      next_obs={g: torch.randn(b, N, OBS)}, next_graph={g: None}, next_action_mask={g: None},
-                      next_state=None, terminated=torch.zeros(b), next_alive={g: None})
+    return random_discrete_transition(b, N, OBS, A)
 
 
 class LinearCritic(nn.Module):
@@ -193,6 +191,4 @@ def test_state_dict_round_trip_continues_exactly():
         first.update(batch)
         torch.manual_seed(1)
         second.update(batch)
-    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), name
+    assert_same_state(first, second)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, register
-from vimarl.algos.masac import AgentPolicies
+from vimarl.algos.masac import AgentPolicies, act_per_group
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
 from vimarl.nn.centralized import AgentMLP, flatten_agents
@@ -92,11 +92,7 @@ class MAPPO(Algorithm):
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
-        actions = {}
-        for g in self.groups:
-            distribution = self.policy[g](obs[g], (action_mask or {}).get(g))
-            actions[g] = distribution.sample().action if explore else distribution.mode()
-        return actions
+        return act_per_group(self.policy, obs, action_mask, explore)
 
     # --- pieces ------------------------------------------------------------------------------
 

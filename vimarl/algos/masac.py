@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, frozen, polyak, register
 from vimarl.buffer import Transition
@@ -90,6 +90,16 @@ class AgentPolicies(ActionParams):
         return TanhGaussian(mean, log_std, self.action_space.low, self.action_space.high)
 
 
+def act_per_group(policy: nn.ModuleDict, obs: dict[str, Tensor], action_mask: dict[str, Tensor | None] | None,
+                  explore: bool) -> dict[str, Tensor]:
+    """Every group's actions from its policy module: sampled when exploring, else the most probable."""
+    actions = {}
+    for g, group_policy in policy.items():
+        distribution = group_policy(obs[g], (action_mask or {}).get(g))
+        actions[g] = distribution.sample().action if explore else distribution.mode()
+    return actions
+
+
 @register("masac", "Multi-agent SAC (003): per-agent centralised twin critics over all observations and "
           "actions, target policies and critics, Gumbel-softmax for discrete actions",
           Capabilities(discrete=True, continuous=True, heterogeneous=True))
@@ -118,11 +128,7 @@ class MASAC(Algorithm):
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
-        actions = {}
-        for g in self.groups:
-            distribution = self.policy[g](obs[g], (action_mask or {}).get(g))
-            actions[g] = distribution.sample().action if explore else distribution.mode()
-        return actions
+        return act_per_group(self.policy, obs, action_mask, explore)
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         # Algorithm 1: policies (Eq. 9), then critics (Eq. 8), then both target networks.
