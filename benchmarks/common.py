@@ -133,3 +133,9 @@ def final_values(run_dirs: Sequence[Path], column: str | Sequence[str]) -> tuple
 def plot(run_dirs: Sequence[Path], out: Path, column: str, title: str) -> None:
     subprocess.run(vimarl_command("plot", *map(str, run_dirs), "--out", str(out), "--metric", column,
                                   "--title", title), check=True, capture_output=True)
+
+
+def plot_matrix(run_dir: Path, out: Path, prefix: str, title: str) -> None:
+    """Heatmap of the PREFIX_<i>_<j> columns of one run at its last evaluation (`vimarl plot --matrix`)."""
+    subprocess.run(vimarl_command("plot", str(run_dir), "--out", str(out), "--matrix", prefix, "--title", title),
+                   check=True, capture_output=True)

@@ -19,7 +19,6 @@ from vimarl.algos.maac import (
 )
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
-from vimarl.errors import VimarlError
 from vimarl.nn.distributions import Categorical
 from vimarl.train import fill_replay
 
@@ -288,9 +287,3 @@ def test_update_on_a_real_env_moves_every_parameter(env_name, parameter_sharing)
     assert all(torch.isfinite(v) and v.dim() == 0 for v in metrics.values())
     unmoved = [k for k, v in algo.named_parameters() if torch.equal(v, before[k])]
     assert not unmoved
-
-
-def test_continuous_actions_are_a_one_line_error():
-    with pytest.raises(VimarlError) as error:
-        vimarl.make_algo("maac", vimarl.make_env("treasure_n4", 2))
-    assert "cannot handle continuous actions" in str(error.value) and "\n" not in str(error.value)

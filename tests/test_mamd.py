@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 import vimarl
 from vimarl.algos.maac import AttentionSAC, AttentionSACConfig
-from vimarl.algos.mamd import MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence, tsallis_log
+from vimarl.algos.mamd import (MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence,
+                               probability_log, tsallis_log)
 from vimarl.buffer import Transition
 from vimarl.config import resolve
 from vimarl.envs.base import Discrete, GroupSpec
@@ -68,6 +70,29 @@ def test_categorical_divergence_is_the_exact_kl_over_valid_actions():
     kl.backward()
     assert torch.isfinite(log_p.grad).all()  # the masked action (log 0 - log 0) leaks no nan
     assert torch.allclose(categorical_divergence(p_old.log(), p_old.log(), valid, q=1.8), torch.tensor(0.0))
+
+
+def test_exact_penalty_has_the_expected_score_gradient_for_every_q():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, requires_grad=True)
+    old = torch.randn(4, 5).log_softmax(-1)
+
+    def gradient(log_old: Tensor, q: float, score_gradient: bool) -> Tensor:
+        penalty = categorical_divergence(logits.log_softmax(-1), log_old, None, q, score_gradient).sum()
+        return torch.autograd.grad(penalty, logits)[0]
+
+    # At the old policy the penalty's gradient vanishes for the q-log too (differentiating the q-log gap would not:
+    # that term pulls the policy to determinism).
+    at_old = logits.detach().log_softmax(-1)
+    assert torch.allclose(gradient(at_old, 1.8, True), torch.zeros(4, 5), atol=1e-7)
+    assert gradient(at_old, 1.8, False).abs().max() > 0.1
+    # It is the expectation of the sampled estimator's gradient, sum_a pi(a) grad log pi(a) gap(a) ...
+    log_p = logits.log_softmax(-1)
+    gap = (probability_log(log_p, 1.8) - probability_log(old, 1.8)).detach()
+    expected = torch.autograd.grad((log_p.exp().detach() * log_p * gap).sum(), logits)[0]
+    assert torch.allclose(gradient(old, 1.8, True), expected, atol=1e-6)
+    # ... and at q = 1 the gradient of the KL itself.
+    assert torch.allclose(gradient(old, 1.0, True), gradient(old, 1.0, False), atol=1e-6)
 
 
 def test_kl_term_is_zero_at_the_old_policy_and_positive_after_a_policy_step():

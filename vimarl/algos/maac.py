@@ -70,6 +70,28 @@ Choices of this implementation (the reference has one group of agents and no dep
   reference's sum over agents of per-agent means).
 - Trainer settings of main.py (12 rollout threads, 4 updates of batch 1024 every 100 env steps,
   buffer 1e6, episode length 25 or 100) are trainer fields, not part of this Config.
+
+Continuous (Box) actions (neither the reference nor paper 004, which runs MAAC on Multi-Walker without
+saying how; the standard SAC extension, Haarnoja et al. 2018, with everything else above unchanged):
+- pi_i is a tanh-Gaussian scaled to [low, high] (masac's: log std clamped to [-20, 2]); the policy
+  network outputs the mean and log std of each dimension. Exploration samples, evaluation takes
+  tanh(mean). The logit regulariser reads the pre-tanh mean (the quantity the squash saturates).
+- The critic has no all-action head (Q_i over a continuum of own actions): its head reads
+  [s_i, x_i, a_i] with the raw own action and outputs Q_i(o, a) alone. Encoders, attention over the
+  others' e_j and the critic loss are unchanged (the actions enter e_j as values instead of one-hots).
+- The policy gradient is SAC's reparameterised one:
+      L_pi_i = mean[ alpha log pi_i(a~_i) - Q_i(o, (a~_i, stopgrad a~_-i)) ] + 1e-3 mean(mu_i^2),
+  with a~_i = squash(mu_i + sigma_i noise). The others' sampled actions enter the attention as
+  constants (the critic forward takes the own actions separately), so agent i's gradient is that of
+  its own Q_i only, as in the discrete case; the critic's parameters are frozen (requires_grad off)
+  during this forward. The counterfactual baseline b_i is dropped: it reduces the variance of score-
+  function gradients, and a reparameterised gradient has no score term for it to act on (a baseline
+  that does not depend on a~_i has zero gradient).
+- The soft target, reward standardisation and everything else are the discrete ones; log pibar is
+  the squashed density of the sampled a' (with its tanh Jacobian).
+- All groups must be Box or all Discrete (one policy family), and Box groups must share one action
+  space (dim, low, high): the agents are one batched axis; anything else is refused with a one-line
+  error.
 """
 
 from __future__ import annotations
@@ -83,11 +105,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, adam, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
 from vimarl.buffer import Transition
-from vimarl.envs.base import Discrete, GroupSpec, TimeStep
+from vimarl.envs.base import Box, GroupSpec, TimeStep
+from vimarl.errors import VimarlError
 from vimarl.nn.centralized import AgentMLP, BatchedLinear
-from vimarl.nn.distributions import Categorical, PolicySample
+from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian, action_dim
 
 
 @dataclass
@@ -202,14 +225,15 @@ def _columns(sizes: Tensor, width: int, offset: int = 0) -> Tensor:
 
 
 class AgentPolicies(nn.Module):
-    """Logits of every agent's policy: BN(affine=False) -> FC -> LeakyReLU -> FC -> LeakyReLU -> FC
-    (utils/policies.py), one network per agent (batched) or one shared: [..., N, O] -> [..., N, A]."""
+    """Outputs of every agent's policy: BN(affine=False) -> FC -> LeakyReLU -> FC -> LeakyReLU -> FC
+    (utils/policies.py), one network per agent (batched) or one shared: [..., N, O] -> [..., N, outputs]
+    (A logits, or the mean and log std of A action dimensions)."""
 
-    def __init__(self, n: int, obs_dim: int, n_actions: int, hidden: int, shared: bool, batchnorm: bool,
+    def __init__(self, n: int, obs_dim: int, outputs: int, hidden: int, shared: bool, batchnorm: bool,
                  obs_sizes: Tensor | None = None):
         super().__init__()
         self.norm = AgentBatchNorm(n, obs_dim, batchnorm)
-        self.net = AgentMLP(n, obs_dim, (hidden, hidden), n_actions, shared, nn.LeakyReLU)
+        self.net = AgentMLP(n, obs_dim, (hidden, hidden), outputs, shared, nn.LeakyReLU)
         if obs_sizes is not None:
             _init_fan_in(self.net, _columns(obs_sizes, obs_dim))
 
@@ -222,15 +246,18 @@ class AttentionCritic(nn.Module):
 
     `forward(obs [B, N, O], actions [B, N, A] one-hot, present [B, N] | None)` returns
     (Q_i(o, a) [B, N], Q_i(o, (., a_-i)) for every own action [B, N, A], attention regulariser scalar).
+    With `continuous` (Box actions [B, N, A]) the head also reads the own action a_i and outputs Q_i(o, a)
+    alone: the second output is None.
     """
 
     def __init__(self, n: int, obs_dim: int, n_actions: int, hidden: int = 128, heads: int = 4,
                  shared: bool = False, batchnorm: bool = True, attention_reg: float = 1e-3,
-                 obs_sizes: Tensor | None = None, action_sizes: Tensor | None = None):
+                 obs_sizes: Tensor | None = None, action_sizes: Tensor | None = None, continuous: bool = False):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"critic_hidden_dim {hidden} is not a multiple of attend_heads {heads}")
         self.n, self.heads, self.head_dim, self.attention_reg = n, heads, hidden // heads, attention_reg
+        self.continuous = continuous
         self.sa_norm = AgentBatchNorm(n, obs_dim + n_actions, batchnorm)
         self.sa_encoder = AgentMLP(n, obs_dim + n_actions, (), hidden, shared)   # critic_encoders
         self.s_norm = AgentBatchNorm(n, obs_dim, batchnorm)
@@ -239,7 +266,10 @@ class AttentionCritic(nn.Module):
         self.key = nn.Linear(hidden, hidden // heads * heads, bias=False)
         self.selector = nn.Linear(hidden, hidden // heads * heads, bias=False)
         self.value = nn.Linear(hidden, hidden // heads * heads)
-        self.head = AgentMLP(n, hidden + hidden // heads * heads, (hidden,), n_actions, shared, nn.LeakyReLU)
+        # Discrete: [s_i, x_i] -> Q_i for every own action; continuous: [s_i, x_i, a_i] -> Q_i(o, a).
+        own_action = n_actions if continuous else 0
+        self.head = AgentMLP(n, hidden + hidden // heads * heads + own_action, (hidden,),
+                             1 if continuous else n_actions, shared, nn.LeakyReLU)
         if obs_sizes is not None and action_sizes is not None:
             # Inputs [o_i padded to O_max, onehot(a_i) padded to A_max]: fan-in O_i (+ A_i).
             _init_fan_in(self.s_encoder, _columns(obs_sizes, obs_dim))
@@ -280,38 +310,58 @@ class AttentionCritic(nn.Module):
         per_agent = (logits.square() * mask).sum((0, 1, 3)) / mask.sum((0, 1, 3)).clamp_min(1.0)
         return self.attention_reg * per_agent.sum()
 
-    def forward(self, obs: Tensor, actions: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, obs: Tensor, actions: Tensor, present: Tensor | None = None,
+                own_actions: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """`own_actions` (continuous only; default `actions`): what every head reads as its own a_i, while the
+        encodings e_j that the others attend to read `actions` (the policy step passes its sample twice, detached
+        for the encoders: Q_i is then differentiable in a~_i alone)."""
         e, s = self.encode(obs, actions)
         x, _, logits, mask = self.attend(e, s, present)
+        regulariser = self.regulariser(logits, mask, present)
+        if self.continuous:
+            own = actions if own_actions is None else own_actions
+            return self.head(torch.cat([s, x, own], dim=-1)).squeeze(-1), None, regulariser
         all_q = self.head(torch.cat([s, x], dim=-1))
         q = all_q.gather(-1, actions.argmax(-1, keepdim=True)).squeeze(-1)
-        return q, all_q, self.regulariser(logits, mask, present)
+        return q, all_q, regulariser
 
 
 @register("maac", "MAAC (Iqbal & Sha 2019, official code): per-agent policies, attention critic over the other "
           "agents with all-action heads, counterfactual baseline, soft targets, reward standardisation",
-          Capabilities(discrete=True, continuous=False, heterogeneous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class AttentionSAC(Algorithm):
     Config = AttentionSACConfig
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: AttentionSACConfig, device="cpu"):
         super().__init__(groups, state_dim, config, device)
-        assert all(isinstance(spec.action_space, Discrete) for spec in groups.values()), "MAAC needs Discrete actions"
+        spaces = [spec.action_space for spec in groups.values()]
+        self.continuous = isinstance(spaces[0], Box)
+        if any(isinstance(space, Box) != self.continuous for space in spaces):
+            raise VimarlError(f"{self.name} needs the actions of every group Discrete or of every group Box (one "
+                             f"policy family), got {spaces}: split the env or make its action spaces one kind")
+        if self.continuous and len(set(spaces)) > 1:
+            raise VimarlError(f"{self.name} with Box actions needs one action space (dim, low, high) shared by every "
+                             f"group, got {spaces}: rescale or pad the actions in the env")
+        self.action_space = spaces[0]
         self.group_sizes = [spec.n_agents for spec in groups.values()]
         self.n_agents = n = sum(self.group_sizes)
         self.obs_pad = max(spec.obs_dim for spec in groups.values())
-        self.n_actions = max(spec.action_space.n for spec in groups.values())
+        self.n_actions = max(action_dim(space) for space in spaces)
         obs_sizes = torch.tensor([spec.obs_dim for spec in groups.values() for _ in range(spec.n_agents)])
-        action_sizes = torch.tensor([spec.action_space.n for spec in groups.values() for _ in range(spec.n_agents)])
+        action_sizes = torch.tensor([action_dim(spec.action_space) for spec in groups.values()
+                                     for _ in range(spec.n_agents)])
         # [N, A_max]: which of the padded action slots are real actions of agent i.
         self.register_buffer("action_valid", torch.arange(self.n_actions) < action_sizes.unsqueeze(1),
                              persistent=False)
         self.padded_actions = bool((action_sizes < self.n_actions).any())
         shared, bn = config.parameter_sharing, config.input_batchnorm
-        self.policy = AgentPolicies(n, self.obs_pad, self.n_actions, config.policy_hidden_dim, shared, bn, obs_sizes)
+        # Policy outputs: A logits, or the mean and log std of every action dimension.
+        self.policy_outputs = 2 * self.n_actions if self.continuous else self.n_actions
+        self.policy = AgentPolicies(n, self.obs_pad, self.policy_outputs, config.policy_hidden_dim, shared, bn,
+                                    obs_sizes)
         self.target_policy = copy.deepcopy(self.policy).requires_grad_(False)
         critic = AttentionCritic(n, self.obs_pad, self.n_actions, config.critic_hidden_dim, config.attend_heads,
-                                 shared, bn, config.attention_reg, obs_sizes, action_sizes)
+                                 shared, bn, config.attention_reg, obs_sizes, action_sizes, self.continuous)
         self.critics = nn.ModuleDict({"q": critic, "target_q": copy.deepcopy(critic).requires_grad_(False)})
         # Exact running reward statistics of everything `observe`d, per agent (float64 sums).
         for name in ("reward_count", "reward_sum", "reward_sq_sum"):
@@ -354,13 +404,18 @@ class AttentionSAC(Algorithm):
             start += size
         return torch.cat(parts, dim=-2)
 
-    def split(self, joint: Tensor) -> dict[str, Tensor]:
-        """[..., N] -> {group: [..., N_g]}."""
-        return dict(zip(self.groups, joint.split(self.group_sizes, dim=-1)))
+    def split(self, joint: Tensor, dim: int = -1) -> dict[str, Tensor]:
+        """[..., N] -> {group: [..., N_g]} (the agent axis `dim`: -2 for Box actions [..., N, A])."""
+        return dict(zip(self.groups, joint.split(self.group_sizes, dim=dim)))
+
+    def stored_actions(self, actions: dict[str, Tensor]) -> Tensor:
+        """Stored actions on one agent axis: [B, N] int64 (Discrete) or [B, N, A] float (Box)."""
+        return torch.cat([actions[g] for g in self.groups], dim=1)
 
     def joint_actions(self, actions: dict[str, Tensor]) -> Tensor:
-        """Stored actions as one-hots over A_max: [B, N, A_max]."""
-        return F.one_hot(torch.cat([actions[g] for g in self.groups], dim=-1), self.n_actions).float()
+        """Stored actions as the critic's input: one-hots over A_max, or the Box values: [B, N, A_max]."""
+        stored = self.stored_actions(actions)
+        return stored.float() if self.continuous else F.one_hot(stored, self.n_actions).float()
 
     def joint_next_alive(self, batch: Transition) -> Tensor | None:
         """[B, N] who is still in at s' (None when no agent can leave)."""
@@ -369,10 +424,17 @@ class AttentionSAC(Algorithm):
         return torch.cat([batch.next_alive[g] if batch.next_alive.get(g) is not None
                           else torch.ones_like(batch.reward[g], dtype=torch.bool) for g in self.groups], dim=1)
 
-    def distribution(self, policy: AgentPolicies, obs: Tensor, mask: Tensor | None) -> tuple[Tensor, Categorical]:
-        """Raw logits [..., N, A_max] and the masked categorical pi_i(. | o_i)."""
-        logits = policy(obs)
-        return logits, Categorical(logits, mask)
+    def distribution(self, policy: AgentPolicies, obs: Tensor,
+                     mask: Tensor | None) -> tuple[Tensor, Categorical | TanhGaussian]:
+        """pi_i(. | o_i) and the outputs the logit regulariser reads: raw logits [..., N, A_max] and the masked
+        categorical, or the pre-tanh mean [..., N, A] and the tanh-Gaussian (log std clamped to PolicyHead's
+        range, as masac's)."""
+        out = policy(obs)
+        if not self.continuous:
+            return out, Categorical(out, mask)
+        mean, log_std = out.chunk(2, dim=-1)
+        log_std = log_std.clamp(PolicyHead.LOG_STD_MIN, PolicyHead.LOG_STD_MAX)
+        return mean, TanhGaussian(mean, log_std, self.action_space.low, self.action_space.high)
 
     # --- acting -----------------------------------------------------------------------------
 
@@ -386,7 +448,8 @@ class AttentionSAC(Algorithm):
             _, distribution = self.distribution(self.policy, joint, mask)
         finally:
             self.policy.train(was_training)
-        return self.split(distribution.sample().action if explore else distribution.mode())
+        actions = distribution.sample().action if explore else distribution.mode()
+        return self.split(actions, -2 if self.continuous else -1)
 
     # --- reward standardisation (the reference buffer's norm_rews) --------------------------
 
@@ -440,8 +503,7 @@ class AttentionSAC(Algorithm):
         next_mask = self.joint_action_mask(batch.next_action_mask, next_obs.shape[:-2])
         _, distribution = self.distribution(self.target_policy, next_obs, next_mask)
         sample = distribution.sample()
-        next_q, _, _ = self.target_critic(next_obs, F.one_hot(sample.action, self.n_actions).float(),
-                                          self.joint_next_alive(batch))
+        next_q, _, _ = self.target_critic(next_obs, sample.critic_input, self.joint_next_alive(batch))
         continuing = torch.cat([batch.continuing(g).expand_as(batch.reward[g]) for g in self.groups], dim=1)
         return soft_target(self.rewards(batch), continuing, next_q, sample.log_prob, self.config.gamma,
                            self.alpha, self.config.soft_target)
@@ -454,28 +516,45 @@ class AttentionSAC(Algorithm):
         return per_agent_mean((q - target).square(), alive).sum(), regulariser
 
     def policy_loss(self, batch: Transition) -> tuple[Tensor, Tensor]:
-        """(sum_i L_pi_i with a~ ~ pi for every agent and the counterfactual baseline, mean entropy)."""
+        """(sum_i L_pi_i with a~ ~ pi for every agent, mean entropy (before the squash for Box actions))."""
         obs = self.joint_obs(batch.obs)
         alive = batch.joint_alive(self.groups)
         mask = self.joint_action_mask(batch.action_mask, obs.shape[:-2])
         logits, distribution = self.distribution(self.policy, obs, mask)
         sample = distribution.sample()
-        with torch.no_grad():  # the critic is not trained by this loss
-            q, all_q, _ = self.critic(obs, F.one_hot(sample.action, self.n_actions).float(), alive)
-            advantage = q - counterfactual_baseline(distribution.probs, all_q)
+        advantage = self.policy_value(obs, distribution, sample, alive)
         reinforce = self.policy_surrogate(obs, mask, distribution, sample, advantage)
         valid = self.action_valid.to(logits.dtype)
         logit_reg = (logits.square() * valid).sum((0, -1)) / (valid.sum(-1) * logits.shape[0])  # mean per agent
         loss = (per_agent_mean(reinforce, alive) + self.config.logit_reg * logit_reg).sum()
         return loss, distribution.entropy().mean().detach()
 
-    def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
-                         advantage: Tensor) -> Tensor:
-        """Per-row loss [B, N] whose gradient is the policy gradient: log pi_i(a~_i) stopgrad(alpha log pi_i(a~_i)
-        - (Q_i - b_i)). obs and mask are for subclasses that evaluate other policies on the same rows (MAMD adds
-        its mirror-descent term to the old policy here)."""
+    def policy_value(self, obs: Tensor, distribution: Categorical | TanhGaussian, sample: PolicySample,
+                     present: Tensor | None) -> Tensor:
+        """What every policy ascends [B, N]: Q_i(o, a~) - b_i without gradient (discrete), or Q_i(o, a~)
+        differentiable in a~_i alone (continuous: the others' actions enter detached, the critic frozen). The
+        critic's parameters are never trained by the policy loss."""
+        if self.continuous:
+            with frozen(self.critic):
+                q, _, _ = self.critic(obs, sample.critic_input.detach(), present, own_actions=sample.critic_input)
+            return q
+        with torch.no_grad():
+            q, all_q, _ = self.critic(obs, sample.critic_input, present)
+            return q - counterfactual_baseline(distribution.probs, all_q)
+
+    def gradient_surrogate(self, log_pi: Tensor, weight: Tensor) -> Tensor:
+        """A per-row loss whose gradient estimates grad E_{a~ ~ pi}[weight(a~)]: the score function
+        log pi(a~) stopgrad(weight) for categorical samples, the weight itself for reparameterised (Box) ones."""
+        return weight if self.continuous else log_pi * weight.detach()
+
+    def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical | TanhGaussian,
+                         sample: PolicySample, advantage: Tensor) -> Tensor:
+        """Per-row loss [B, N] whose gradient is the policy gradient of alpha log pi_i(a~_i) - (Q_i - b_i)
+        (`policy_value`): log pi_i(a~_i) stopgrad(...) for discrete, the reparameterised value for continuous.
+        obs and mask are for subclasses that evaluate other policies on the same rows (MAMD adds its
+        mirror-descent term to the old policy here)."""
         log_pi = sample.log_prob
-        return log_pi * (self.alpha * log_pi - advantage).detach()
+        return self.gradient_surrogate(log_pi, self.alpha * log_pi - advantage)
 
     # --- optimiser steps with the reference's gradient processing --------------------------
 

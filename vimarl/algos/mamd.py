@@ -26,9 +26,13 @@ iterations. The loss at the copy itself is MAAC's: KL_i = 0 right after every re
 
 Open choices (each a Config field where it is a switch):
 - KL_i (`kl_estimator`). "exact" (default): sum_a pi_i(a) (log_q pi_i(a) - log_q pi_old_i(a)) over
-  agent i's valid actions, differentiated directly (discrete actions make it exact). Its gradient
-  is the expectation of the score-function gradient of Eq. 10 (at q = 1) without the sampling
-  noise of one action, so it is the default. "sample": the paper's and MDPO's estimate
+  agent i's valid actions, differentiated through pi_i(a) only: its gradient is the exact
+  expectation over a~_i of Eq. 10's score-function term, without the sampling noise of one action,
+  so it is the default. At q = 1 this is the gradient of the KL itself. For q != 1 differentiating
+  the q-log gap as well would not be: sum_a pi (log_q pi - log_q pi_old) is not minimal at
+  pi = pi_old (its gradient there is pi^(1-q), not constant over actions); on spread N = 2 that
+  drove the policies to determinism and MAMD did not learn (5k env steps: -64.8 -> -73.7, against
+  -33.4 with the score gradient). "sample": the paper's and MDPO's estimate
   log_q pi_i(a~_i) - log_q pi_old_i(a~_i) at the sampled action, inside the stop-gradient weight of
   log pi_i(a~_i) exactly as Eq. 10 writes it (an unbiased estimate of the same gradient at q = 1).
 - The entropy term. Eq. 10 omits it, but MAMD "directly combines" MAAC with MDPO and MDPO keeps its
@@ -54,6 +58,19 @@ Open choices (each a Config field where it is a switch):
   where agent i is present, measured in this update's policy loss (before its step), whatever the
   estimator and q (the quantity of the paper's Fig. 5); `kl` its mean over agents; `epsilon_i` (the mean
   over agents where epsilon_i is one per agent, as MAMT's learned ones).
+
+Continuous (Box) actions (MAAC's tanh-Gaussian policies and reparameterised gradient, `maac`):
+- KL(pi_i || pi_old_i) of two tanh-Gaussians equals the KL of their diagonal Gaussians before the
+  squash: KL is invariant under one invertible map (tanh, then the affine scale to [low, high])
+  applied to both. "exact" is that closed form, differentiated directly. "sample" is the
+  reparameterised estimate log pi_i(a~_i) - log pi_old_i(a~_i) at a~_i = squash(mu_i + sigma_i noise),
+  differentiated through a~_i (the tanh Jacobians of the two densities cancel; pi_old is evaluated at
+  the pre-squash sample, no atanh of a saturated action): an unbiased estimate of grad KL_i.
+- The Tsallis q-log acts on probabilities (x <= 1) and MDPO defines it for categoricals; a density
+  can exceed 1, where log_q has no divergence meaning, so Box actions use the ordinary log (exponent
+  q = 1) whatever `tsallis_q`: the loss is MDPO's Shannon one.
+- The score term is MAAC's reparameterised alpha log pi_i(a~_i) - Q_i(o, a~); the penalty enters with
+  the same weight 1 / epsilon_i.
 """
 
 from __future__ import annotations
@@ -71,7 +88,7 @@ from vimarl.algos.maac import AttentionSAC, AttentionSACConfig, per_agent_mean
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
 from vimarl.errors import VimarlError
-from vimarl.nn.distributions import Categorical, PolicySample
+from vimarl.nn.distributions import Categorical, PolicySample, TanhGaussian
 
 PROBABILITY_FLOOR = 1e-6
 """Smallest probability inside log_q for q != 1 (MDPO's `safe_x`): log_q(0) is -infinity for q > 1."""
@@ -89,7 +106,7 @@ class MirrorDescentConfig(AttentionSACConfig):
     md_delay: int = 100
     """Updates between hard copies of the policies into the old policy pi_old (Table 1: mirror-descent delay 100)."""
     kl_estimator: Literal["exact", "sample"] = "exact"
-    """KL(pi_i || pi_old_i) in the policy loss: "exact" sum over the categorical's actions, differentiated directly;
+    """KL(pi_i || pi_old_i) in the policy loss: "exact" sum over the categorical's actions (its score gradient);
     "sample" log pi_i - log pi_old_i at the sampled action in the score-function weight (Eq. 10, MDPO's code)."""
     tsallis_q: float = 0.2
     """The MDPO code's `tsallis_q` (Table 1: 0.2): log_q with exponent q = 2 - tsallis_q replaces log in the KL and in
@@ -110,10 +127,15 @@ def probability_log(log_p: Tensor, q: float) -> Tensor:
     return tsallis_log(log_p.clamp_min(math.log(PROBABILITY_FLOOR)), q)
 
 
-def categorical_divergence(log_p: Tensor, log_p_old: Tensor, valid: Tensor | None, q: float = 1.0) -> Tensor:
+def categorical_divergence(log_p: Tensor, log_p_old: Tensor, valid: Tensor | None, q: float = 1.0,
+                           score_gradient: bool = False) -> Tensor:
     """sum_a p(a) (log_q p(a) - log_q p_old(a)) over the valid actions, from log-probabilities [..., A] -> [...];
-    KL(p || p_old) at q = 1."""
+    KL(p || p_old) at q = 1. With `score_gradient` the gap is a constant to autograd, so the gradient is
+    sum_a grad p(a) (log_q p(a) - log_q p_old(a)), the expectation of the sampled estimator's score-function
+    gradient (Eq. 10); at q = 1 that is also KL's own gradient (sum_a p grad log p = 0)."""
     gap = probability_log(log_p, q) - probability_log(log_p_old, q)
+    if score_gradient:
+        gap = gap.detach()
     if valid is not None:
         # Masked actions have p = 0 and log p near or at -inf in both: their gap (maybe nan) must reach neither the
         # product nor its gradient.
@@ -121,9 +143,26 @@ def categorical_divergence(log_p: Tensor, log_p_old: Tensor, valid: Tensor | Non
     return (log_p.exp() * gap).sum(-1)
 
 
+def gaussian_divergence(mean: Tensor, log_std: Tensor, mean_old: Tensor, log_std_old: Tensor) -> Tensor:
+    """KL(N(mean, std^2) || N(mean_old, std_old^2)) of diagonal Gaussians [..., A] -> [...]; also the KL of the two
+    tanh-Gaussians over them (KL is invariant under one invertible map applied to both)."""
+    variance_ratio = (2.0 * (log_std - log_std_old)).exp()
+    gap = (mean - mean_old) / log_std_old.exp()
+    return (0.5 * (variance_ratio + gap.square() - 1.0) - (log_std - log_std_old)).sum(-1)
+
+
+def policy_divergence(p: Categorical | TanhGaussian, p_old: Categorical | TanhGaussian, valid: Tensor | None,
+                      q: float = 1.0, score_gradient: bool = False) -> Tensor:
+    """KL(p || p_old) [...] (sum_a p (log_q p - log_q p_old) for categoricals at q != 1, with `score_gradient` as
+    `categorical_divergence`; q must be 1 for tanh-Gaussians, whose closed form is differentiated directly)."""
+    if isinstance(p, TanhGaussian):
+        return gaussian_divergence(p.mean, p.log_std, p_old.mean, p_old.log_std)
+    return categorical_divergence(p.log_probs, p_old.log_probs, valid, q, score_gradient)
+
+
 @register("mamd", "MAMD (Li et al., 004 Sec. 5.1): MAAC's attention critics and policy gradient plus a mirror-descent "
           "KL penalty KL(pi_i || pi_old_i) / epsilon_i to a periodically refreshed old policy, epsilon_i = epsilon / n",
-          Capabilities(discrete=True, continuous=False, heterogeneous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class MirrorDescentAttentionSAC(AttentionSAC):
     Config = MirrorDescentConfig
 
@@ -143,32 +182,33 @@ class MirrorDescentAttentionSAC(AttentionSAC):
                 raise VimarlError(f"algo.local_trust_regions needs {self.n_agents} positive values (one per agent, "
                                   f".inf for none), got {list(config.local_trust_regions)}")
             self.epsilon_i = torch.tensor(config.local_trust_regions, device=self.device)
-        self.q_exponent = 2.0 - config.tsallis_q
+        self.q_exponent = 1.0 if self.continuous else 2.0 - config.tsallis_q  # no q-log of densities
         self.kl_names = [f"kl_{i}" for i in range(self.n_agents)]
         # KL(pi_i || pi_old_i) [B, N] of the latest policy loss, for `update`'s metrics.
         self.last_kl_rows: Tensor | None = None
 
-    def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
-                         advantage: Tensor) -> Tensor:
+    def policy_surrogate(self, obs: Tensor, mask: Tensor | None, distribution: Categorical | TanhGaussian,
+                         sample: PolicySample, advantage: Tensor) -> Tensor:
         """Eq. 10 per row [B, N]: score + penalty / epsilon_i (the two terms of `mirror_descent_terms`)."""
         score, penalty = self.mirror_descent_terms(obs, mask, distribution, sample, advantage)
         return score + penalty / self.epsilon_i
 
-    def mirror_descent_terms(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
-                             advantage: Tensor) -> tuple[Tensor, Tensor]:
+    def mirror_descent_terms(self, obs: Tensor, mask: Tensor | None, distribution: Categorical | TanhGaussian,
+                             sample: PolicySample, advantage: Tensor) -> tuple[Tensor, Tensor]:
         """(score, penalty) rows [B, N] of Eq. 10: score = log pi_i(a~_i) stopgrad(alpha log_q pi_i(a~_i) - (Q_i - b_i));
         penalty = KL_i (exact) or log pi_i(a~_i) stopgrad(log_q pi_i(a~_i) - log_q pi_old_i(a~_i)) (sample), the term
-        weighted by 1 / epsilon_i (a hook: MAMT weighs it by learned epsilon_i and differentiates through the weight)."""
+        weighted by 1 / epsilon_i (a hook: MAMT weighs it by learned epsilon_i and differentiates through the weight).
+        Box actions: the reparameterised forms (`gradient_surrogate`) at q = 1."""
         with torch.no_grad():
             _, old = self.distribution(self.old_policy, obs, mask)
-        self.last_kl_rows = categorical_divergence(distribution.log_probs.detach(), old.log_probs, mask)
+            self.last_kl_rows = policy_divergence(distribution, old, mask)
         log_pi = sample.log_prob
         q = self.q_exponent
-        score = log_pi * (self.alpha * probability_log(log_pi, q) - advantage).detach()
+        score = self.gradient_surrogate(log_pi, self.alpha * probability_log(log_pi, q) - advantage)
         if self.config.kl_estimator == "sample":
-            sampled_gap = probability_log(log_pi, q) - probability_log(old.log_prob(sample.action), q)
-            return score, log_pi * sampled_gap.detach()
-        return score, categorical_divergence(distribution.log_probs, old.log_probs, mask, q)
+            old_log_pi = old.log_prob_pre_tanh(sample.pre_tanh) if self.continuous else old.log_prob(sample.action)
+            return score, self.gradient_surrogate(log_pi, probability_log(log_pi, q) - probability_log(old_log_pi, q))
+        return score, policy_divergence(distribution, old, mask, q, score_gradient=True)
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         metrics = super().update(batch)

@@ -80,6 +80,16 @@ Open choices (the paper leaves them open or says nothing; a Config field where i
   `dns`; `coord_i_j` (C_ij averaged over the batch) for N <= `coordination_metrics_max_agents` = 8 (the paper's
   tasks), else only `coord`, the mean of C over i != j (also logged for small N); `loss_action_model`,
   `loss_ns`, `kl_hat` (sum_i KL^_i, batch mean).
+
+Continuous (Box) actions (MAMD's tanh-Gaussian policies, `mamd`; the paper's Multi-Walker runs):
+- The counterfactual of Eq. 14 has no finite sum over agent j's actions: "marginal" estimates
+  E_{a' ~ pi_j}[Q_i(o, (a', a_-j))] by Monte Carlo with K = `counterfactual_samples` = 8 samples of pi_j
+  per row (N x K copies, still one critic forward); "mean_action" feeds the mean of those K samples
+  (the expected action) as agent j's action.
+- Action models predict a tanh-Gaussian (mean, log std) of a_j, trained by the negative log-likelihood
+  of the replayed a_j (the cross-entropy of a density); their L2 term reads the pre-tanh means.
+  KL[h_i^j || pi_j] in Eq. 12 is the closed-form KL of the Gaussians before the squash (`mamd`).
+- TRD-Net reads the raw actions in place of the one-hots.
 """
 
 from __future__ import annotations
@@ -95,12 +105,13 @@ from torch import Tensor, nn
 from vimarl.algos.base import Capabilities, adam, register
 from vimarl.algos.maac import (AgentBatchNorm, AgentPolicies, AttentionCritic, attention_mask, clip_per_agent,
                                per_agent_mean)
-from vimarl.algos.mamd import MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence
+from vimarl.algos.mamd import (MirrorDescentAttentionSAC, MirrorDescentConfig, categorical_divergence,
+                               policy_divergence)
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
 from vimarl.errors import VimarlError
 from vimarl.nn.centralized import AgentMLP
-from vimarl.nn.distributions import Categorical, PolicySample
+from vimarl.nn.distributions import Categorical, PolicySample, TanhGaussian
 
 
 @dataclass
@@ -109,7 +120,10 @@ class TrustRegionDecompositionConfig(MirrorDescentConfig):
     """delta of Eq. 14: coordination coefficients below it are set to 0 (Table 1: 0.2)."""
     counterfactual: Literal["marginal", "mean_action"] = "marginal"
     """Q_i(a_\\j) of Eq. 14: "marginal" sums Q_i over agent j's actions weighted by pi_j (COMA's counterfactual);
-    "mean_action" feeds pi_j's probabilities in place of a_j's one-hot (one copy per j instead of one per action)."""
+    "mean_action" feeds pi_j's probabilities in place of a_j's one-hot (one copy per j instead of one per action).
+    Box actions: the marginal by Monte Carlo over `counterfactual_samples` samples of pi_j, or their mean."""
+    counterfactual_samples: int = 8
+    """K, samples of pi_j per row in the counterfactual of Eq. 14 for Box actions (not used for Discrete ones)."""
     model_lr: float = 1e-3
     """Adam learning rate of the action models h_{phi_i^j} (Table 1: Adam 1e-3)."""
     model_hidden_dim: int = 64
@@ -144,29 +158,49 @@ class TrustRegionDecompositionConfig(MirrorDescentConfig):
 # --- the pieces of Sec. 5.3, public so that they can be tested --------------------------------
 
 @torch.no_grad()
-def counterfactual_q(critic: nn.Module, obs: Tensor, actions: Tensor, probs: Tensor, present: Tensor | None,
-                     variant: Literal["marginal", "mean_action"] = "marginal") -> tuple[Tensor, Tensor]:
+def replaced_action_q(critic: nn.Module, obs: Tensor, actions: Tensor, replacements: Tensor, weights: Tensor,
+                      present: Tensor | None) -> tuple[Tensor, Tensor]:
     """(Q_i(o, a) [B, N], Q_i(o, a_\\j) [B, N (i), N (j)]) from ONE forward of `critic` (AttentionCritic's
-    signature) over the factual rows stacked with every counterfactual copy: copy j replaces agent j's one-hot
-    action (actions [B, N, A]) by pi_j's probabilities (probs [B, N, A]; "mean_action") or by every action a'
-    in turn, the copies then averaged under pi_j(a' | o_j) ("marginal")."""
+    signature) over the factual rows (actions [B, N, A]) stacked with every counterfactual copy (j, m): agent j's
+    action replaced by replacements[m, :, j] ([M, B, N, A], broadcastable), the M copies of j then summed with
+    weights [M, B, N] (weights[m, b, j] of copy (j, m))."""
     b, n, a = actions.shape
     replaced = torch.eye(n, dtype=torch.bool, device=actions.device)  # [copy j, agent k]: k's action replaced
-    if variant == "mean_action":
-        copies = torch.where(replaced[:, None, :, None], probs.unsqueeze(0), actions.unsqueeze(0))  # [j, B, N, A]
-    else:
-        one_hots = torch.eye(a, dtype=actions.dtype, device=actions.device)
-        copies = torch.where(replaced[:, None, None, :, None], one_hots[None, :, None, None, :],
-                             actions[None, None])  # [j, a', B, N, A]
+    copies = torch.where(replaced[:, None, None, :, None], replacements[None], actions[None, None])  # [j, m, B, N, A]
     rows = torch.cat([actions, copies.reshape(-1, n, a)])
     repeats = rows.shape[0] // b
     q, _, _ = critic(obs.repeat(repeats, 1, 1), rows, None if present is None else present.repeat(repeats, 1))
     q = q.view(repeats, b, n)
-    counterfactual = q[1:]
-    if variant == "marginal":
-        # [j, a', B, i] weighted by pi_j(a' | o_j) -> [j, B, i]
-        counterfactual = (counterfactual.view(n, a, b, n) * probs.permute(1, 2, 0).unsqueeze(-1)).sum(1)
+    # [j, m, B, i] weighted by weights[m, B, j] -> [j, B, i]
+    counterfactual = (q[1:].view(n, -1, b, n) * weights.permute(2, 0, 1).unsqueeze(-1)).sum(1)
     return q[0], counterfactual.permute(1, 2, 0)
+
+
+def counterfactual_actions(policy: Tensor | TanhGaussian, variant: Literal["marginal", "mean_action"],
+                           samples: int) -> tuple[Tensor, Tensor]:
+    """(replacements [M, B, N, A], weights [M, B, N]) of Eq. 14's counterfactual for `replaced_action_q`, given
+    every pi_j as its probabilities [B, N, A] (Discrete) or its tanh-Gaussian (Box). Discrete: every action a'
+    weighted by pi_j(a' | o_j) ("marginal"), or pi_j's probabilities once ("mean_action"). Box: K = `samples` draws
+    of pi_j weighted 1 / K ("marginal", Monte Carlo), or their mean once."""
+    if isinstance(policy, TanhGaussian):
+        shape = (samples, *policy.mean.shape)
+        draws = TanhGaussian(policy.mean.expand(shape), policy.log_std.expand(shape), policy.offset - policy.scale,
+                             policy.offset + policy.scale).sample().action
+        if variant == "mean_action":
+            return draws.mean(0, keepdim=True), torch.ones_like(draws[:1, ..., 0])
+        return draws, torch.full_like(draws[..., 0], 1.0 / samples)
+    if variant == "mean_action":
+        return policy.unsqueeze(0), torch.ones_like(policy[None, ..., 0])
+    a = policy.shape[-1]
+    return torch.eye(a, dtype=policy.dtype, device=policy.device)[:, None, None, :], policy.permute(2, 0, 1)
+
+
+def counterfactual_q(critic: nn.Module, obs: Tensor, actions: Tensor, policy: Tensor | TanhGaussian,
+                     present: Tensor | None, variant: Literal["marginal", "mean_action"] = "marginal",
+                     samples: int = 8) -> tuple[Tensor, Tensor]:
+    """(Q_i(o, a) [B, N], Q_i(o, a_\\j) [B, N (i), N (j)]) of Eq. 14 for the policies pi_j (`counterfactual_actions`),
+    from one critic forward (`replaced_action_q`)."""
+    return replaced_action_q(critic, obs, actions, *counterfactual_actions(policy, variant, samples), present)
 
 
 def coordination_coefficients(q: Tensor, counterfactual: Tensor, threshold: float, present: Tensor | None) -> Tensor:
@@ -180,15 +214,21 @@ def coordination_coefficients(q: Tensor, counterfactual: Tensor, threshold: floa
     return torch.where(weights >= threshold, weights, 0.0)
 
 
+def coordinated_divergence(pair_kl: Tensor, coordination: Tensor, observer: Tensor, target: Tensor,
+                           clip: float) -> Tensor:
+    """Eq. 12: D_ns_i = clip(sum_{j != i} C_ij KL[h_i^j(o_i) || pi_j(o_j)], 0, clip) [B, N] from the KLs [B, P] of
+    the ordered pairs (observer i, target j) and C [B, N, N]."""
+    weighted = coordination[:, observer, target] * pair_kl
+    total = torch.zeros_like(coordination[..., 0]).index_add_(1, observer, weighted)
+    return total.clamp(0.0, clip)
+
+
 def non_stationarity(model_log_probs: Tensor, policy_log_probs: Tensor, coordination: Tensor, observer: Tensor,
                      target: Tensor, pair_mask: Tensor | None, clip: float) -> Tensor:
-    """Eq. 12: D_ns_i = clip(sum_{j != i} C_ij KL[h_i^j(o_i) || pi_j(o_j)], 0, clip) [B, N] from the action
-    models' log-probabilities [B, P, A] of the ordered pairs (observer i, target j), the policies' [B, N, A],
-    C [B, N, N] and the pairs' allowed actions (agent j's) [B, P, A] or None."""
+    """`coordinated_divergence` of categorical action models and policies, from the models' log-probabilities
+    [B, P, A], the policies' [B, N, A] and the pairs' allowed actions (agent j's) [B, P, A] or None."""
     kl = categorical_divergence(model_log_probs, policy_log_probs[:, target], pair_mask)
-    weighted = coordination[:, observer, target] * kl
-    total = torch.zeros_like(policy_log_probs[..., 0]).index_add_(1, observer, weighted)
-    return total.clamp(0.0, clip)
+    return coordinated_divergence(kl, coordination, observer, target, clip)
 
 
 class TrustRegionDecompositionNet(nn.Module):
@@ -217,7 +257,7 @@ class TrustRegionDecompositionNet(nn.Module):
 
 @register("mamt", "MAMT (Li et al., 004 Sec. 5.3): MAMD with local trust regions epsilon_i learned from a trust-region "
           "decomposition network over counterfactual coordination coefficients and action models of the others",
-          Capabilities(discrete=True, continuous=False, heterogeneous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True))
 class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
     Config = TrustRegionDecompositionConfig
 
@@ -238,7 +278,7 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
         self.register_buffer("observer", observer.to(self.device), persistent=False)  # pair p = (observer i, target j)
         self.register_buffer("target", target.to(self.device), persistent=False)
         obs_sizes = torch.tensor([spec.obs_dim for spec in groups.values() for _ in range(spec.n_agents)])
-        self.action_models = AgentPolicies(len(observer), self.obs_pad, self.n_actions, config.model_hidden_dim,
+        self.action_models = AgentPolicies(len(observer), self.obs_pad, self.policy_outputs, config.model_hidden_dim,
                                            False, config.input_batchnorm, obs_sizes[observer]).to(self.device)
         self.trd = TrustRegionDecompositionNet(n, self.obs_pad, self.n_actions, config.trd_hidden_dim,
                                                config.trd_epsilon_embedding, config.input_batchnorm).to(self.device)
@@ -271,8 +311,8 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
             with torch.no_grad():
                 self.log_epsilon.fill_(log_value)
 
-    def mirror_descent_terms(self, obs: Tensor, mask: Tensor | None, distribution: Categorical, sample: PolicySample,
-                             advantage: Tensor) -> tuple[Tensor, Tensor]:
+    def mirror_descent_terms(self, obs: Tensor, mask: Tensor | None, distribution: Categorical | TanhGaussian,
+                             sample: PolicySample, advantage: Tensor) -> tuple[Tensor, Tensor]:
         score, penalty = super().mirror_descent_terms(obs, mask, distribution, sample, advantage)
         self.last_penalty_rows = penalty  # with its graph, for `policy_alignment`
         return score, penalty
@@ -297,13 +337,16 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
     # --- one update ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def coordination(self, obs: Tensor, actions: Tensor, probs: Tensor, present: Tensor | None) -> Tensor:
-        """C [B, N, N] of Eq. 14 from the current critic in eval mode (row-wise BN running statistics)."""
+    def coordination(self, obs: Tensor, actions: Tensor, policy: Tensor | TanhGaussian,
+                     present: Tensor | None) -> Tensor:
+        """C [B, N, N] of Eq. 14 from the current critic in eval mode (row-wise BN running statistics), given the
+        policies as `counterfactual_actions` takes them."""
         critic: AttentionCritic = self.critic
         was_training = critic.training
         critic.eval()
         try:
-            q, counterfactual = counterfactual_q(critic, obs, actions, probs, present, self.config.counterfactual)
+            q, counterfactual = counterfactual_q(critic, obs, actions, policy, present, self.config.counterfactual,
+                                                 self.config.counterfactual_samples)
         finally:
             critic.train(was_training)
         return coordination_coefficients(q, counterfactual, self.config.coordination_threshold, present)
@@ -316,13 +359,14 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
         actions = self.joint_actions(batch.action)
         with torch.no_grad():
             _, policy = self.distribution(self.policy, obs, mask)
-        coordination = self.coordination(obs, actions, policy.probs, alive)
+        coordination = self.coordination(obs, actions, policy if self.continuous else policy.probs, alive)
 
         # Action models: D_ns (Eq. 12) from the models before their step, then their cross-entropy step.
         pair_mask = None if mask is None else mask[:, self.target]
         model_logits, model = self.distribution(self.action_models, obs[:, self.observer], pair_mask)
-        dns = non_stationarity(model.log_probs.detach(), policy.log_probs, coordination, self.observer, self.target,
-                               pair_mask, config.ns_clip)
+        with torch.no_grad():
+            pair_kl = policy_divergence(model, self.select_agents(policy, self.target), pair_mask)
+        dns = coordinated_divergence(pair_kl, coordination, self.observer, self.target, config.ns_clip)
         pair_present = None if alive is None else alive[:, self.observer] & alive[:, self.target]
         model_loss = self.action_model_loss(model_logits, model, batch.action, pair_present)
         self.optimizers["action_model"].zero_grad(set_to_none=True)
@@ -356,11 +400,18 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
                 **pairs, "coord": coordination_mean.mean(), "loss_action_model": model_loss.detach(),
                 "loss_ns": ns_loss.detach(), "kl_hat": kl_hat.detach().mean()}
 
-    def action_model_loss(self, logits: Tensor, model: Categorical, action: dict[str, Tensor],
+    def select_agents(self, policy: Categorical | TanhGaussian, index: Tensor) -> Categorical | TanhGaussian:
+        """The policies of the agents `index` [P]: [B, N, ..] -> [B, P, ..]."""
+        if isinstance(policy, TanhGaussian):
+            return TanhGaussian(policy.mean[:, index], policy.log_std[:, index], self.action_space.low,
+                                self.action_space.high)
+        return Categorical(policy.logits[:, index])  # logits already masked
+
+    def action_model_loss(self, logits: Tensor, model: Categorical | TanhGaussian, action: dict[str, Tensor],
                           pair_present: Tensor | None) -> Tensor:
-        """Sum over pairs (i, j) of the mean cross-entropy -log h_i^j(a_j | o_i) of the replayed a_j, plus
-        model_reg mean(logits^2) over agent j's real actions."""
-        cross_entropy = -model.log_prob(torch.cat([action[g] for g in self.groups], dim=-1)[:, self.target])
+        """Sum over pairs (i, j) of the mean cross-entropy (negative log-likelihood) -log h_i^j(a_j | o_i) of the
+        replayed a_j, plus model_reg mean(logits^2) over agent j's real actions (the pre-tanh means for Box)."""
+        cross_entropy = -model.log_prob(self.stored_actions(action)[:, self.target])
         valid = self.action_valid[self.target].to(logits.dtype)
         logit_reg = (logits.square() * valid).sum((0, -1)) / (valid.sum(-1) * logits.shape[0])
         return (per_agent_mean(cross_entropy, pair_present) + self.config.model_reg * logit_reg).sum()

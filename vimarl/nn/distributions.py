@@ -30,6 +30,8 @@ class PolicySample:
     """[..] log q(a) of the sampled action."""
     log_prob_mean: Tensor
     """[..] estimate of E_q[log q] (= -entropy)."""
+    pre_tanh: Tensor | None = None
+    """[.., A] the Gaussian sample before the squash (TanhGaussian only), differentiable like critic_input."""
 
 
 class Categorical:
@@ -90,7 +92,7 @@ class TanhGaussian:
         pre_tanh = self.mean + self.log_std.exp() * noise
         action = self.offset + self.scale * torch.tanh(pre_tanh)
         log_prob = self._log_prob(noise, pre_tanh)
-        return PolicySample(action, action, log_prob, log_prob)
+        return PolicySample(action, action, log_prob, log_prob, pre_tanh)
 
     def _log_prob(self, noise: Tensor, pre_tanh: Tensor) -> Tensor:
         # log |d action / d pre_tanh| = log scale + log(1 - tanh^2), written stably.
@@ -102,6 +104,11 @@ class TanhGaussian:
         1e-6 inside, where atanh is finite)."""
         unit = ((action - self.offset) / self.scale).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
         pre_tanh = torch.atanh(unit)
+        return self._log_prob((pre_tanh - self.mean) / self.log_std.exp(), pre_tanh)
+
+    def log_prob_pre_tanh(self, pre_tanh: Tensor) -> Tensor:
+        """log q(a) of the action a = squash(pre_tanh), from its pre-squash value [.., A] (no atanh of a
+        saturated action)."""
         return self._log_prob((pre_tanh - self.mean) / self.log_std.exp(), pre_tanh)
 
     def entropy(self) -> Tensor:
