@@ -1,5 +1,5 @@
 """Smoke training on the external environments: a few hundred env steps of vpp and masac on
-SISL multiwalker and pursuit (vm3ac on multiwalker N = 3, vpp on the MAgent2 jungle), then a resume
+SISL multiwalker and pursuit (vm3ac on multiwalker N = 3, mamt on pursuit, vpp on the MAgent2 jungle), then a resume
 from the checkpoint."""
 
 import importlib.util
@@ -19,7 +19,7 @@ EPISODE = {"multiwalker_n2": {"episode_length": 50}, "multiwalker_n3": {"episode
 
 @pytest.mark.parametrize("algo,env", [("vpp", "multiwalker_n2"), ("masac", "multiwalker_n2"),
                                       ("vm3ac", "multiwalker_n3"), ("vpp", "pursuit"), ("masac", "pursuit"),
-                                      ("vpp", "jungle")])
+                                      ("mamt", "pursuit"), ("vpp", "jungle")])
 def test_smoke_training_and_resume(tmp_path, algo, env):
     module, extra = SIMULATORS[env]
     if importlib.util.find_spec(module) is None or (extra == "sisl" and importlib.util.find_spec("pymunk") is None):
