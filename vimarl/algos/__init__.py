@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vimarl.algos import ip, isac, maac, maddpg, mamd, mamt, mappo, masac, pic, team, vm3ac, vpp  # noqa: F401  (registers the algorithms)
+from vimarl.algos import dgn, ip, iql, isac, maac, maddpg, mamd, mamt, mappo, masac, mfq, pic, qmix, team, vdn, vm3ac, vpp  # noqa: F401  (registers the algorithms)
 from vimarl.algos.base import ALGORITHMS, Algorithm, Capabilities, get_algorithm, register
 from vimarl.config import config_for
 from vimarl.envs.base import BatchedEnv

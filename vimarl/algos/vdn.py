@@ -1,0 +1,82 @@
+"""VDN: value decomposition networks (Sunehag et al. 2018), in pymarl's form (ALGO_SPECS §5.5).
+
+The team's joint action value is the sum of per-agent utilities, each computed from the agent's
+own observation by one network shared by the agents (with a one-hot agent id input):
+
+    Q_tot(s, a)   = sum_i Q_i(o_i, a_i)                                         (VDN Eq. 1)
+    y             = R + gamma (1 - d) sum_i Qbar_i(o'_i, argmax_a' Q_i(o'_i, a'))   double-Q
+                  = R + gamma (1 - d) sum_i max_a' Qbar_i(o'_i, a')                  plain
+    L(theta)      = E_D[ l(Q_tot(s, a) - y) ]
+
+Because the sum is monotonic in every Q_i, each agent's greedy action in its own Q_i is the
+team's greedy joint action, so execution is decentralised. R is the team reward: the sum of the
+agents' rewards (`team_reward`, or their mean), which for broadcast team rewards is N times the
+shared value; d the episode's termination. Agents absent at s (or s') add nothing to the sums.
+
+Choices the paper leaves open (shared with QMIX, which subclasses this):
+- Agent networks are feed-forward over o_i (pymarl's is a GRU over the history). vimarl's replay
+  stores single transitions, not episodes, so `recurrent=True` is refused with an error.
+- Adam, not pymarl's RMSprop; targets are hard copies every 200 gradient steps (pymarl: every 200
+  episodes, which with its one update per episode is the same count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vimarl.algos.base import Capabilities, register
+from vimarl.algos.iql import SharedQ
+from vimarl.algos.q_learning import QLearner, QLearningConfig, next_value, taken, td_loss
+from vimarl.buffer import Transition
+from vimarl.envs.base import GroupSpec
+
+
+@dataclass
+class VDNConfig(QLearningConfig):
+    agent_ids: bool = True
+    """Append a one-hot agent id to every agent's input (pymarl's obs_agent_id)."""
+    recurrent: bool = False
+    """GRU agents over each agent's history (pymarl's rnn agent); needs episode replay, which vimarl
+    does not store, so only False is accepted."""
+    team_reward: Literal["sum", "mean"] = "sum"
+    """The team reward R trained on: the sum of the agents' rewards (the return the trainer reports) or their mean."""
+
+
+@register("vdn", "VDN: team Q as the sum of shared per-agent Q networks, trained on the team reward, "
+          "double-Q targets, epsilon-greedy",
+          Capabilities(discrete=True, continuous=False))
+class VDN(QLearner):
+    Config = VDNConfig
+
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: VDNConfig, device="cpu"):
+        super().__init__(groups, state_dim, config, device)
+        self.build(SharedQ(self.spec, config))
+
+    def mix(self, q: Tensor, state: Tensor | None, target: bool = False) -> Tensor:
+        """Q_tot from per-agent values [B, N]: their sum (VDN Eq. 1)."""
+        return q.sum(-1)
+
+    def team_reward(self, batch: Transition) -> Tensor:
+        reward = batch.reward[self.group]
+        return reward.sum(-1) if self.config.team_reward == "sum" else reward.mean(-1)
+
+    @staticmethod
+    def present(q: Tensor, alive: Tensor | None) -> Tensor:
+        """Per-agent values with absent agents' set to 0."""
+        return q if alive is None else q * alive.to(q.dtype)
+
+    def update(self, batch: Transition) -> dict[str, Tensor]:
+        g, gamma = self.group, self.config.gamma
+        q = self.present(taken(self.policy(batch.obs[g], batch.graph[g]), batch.action[g]), batch.alive.get(g))
+        q_tot = self.mix(q, batch.state)
+        with torch.no_grad():
+            next_q = self.present(next_value(*self.next_q(batch), batch.next_action_mask[g]), batch.next_alive.get(g))
+            target = self.team_reward(batch) + gamma * (1.0 - batch.terminated) * self.mix(next_q, batch.next_state, True)
+        loss = td_loss(q_tot, target, self.config.loss)
+        self.step(loss)
+        return {"loss_q": loss.detach(), "q_tot": q_tot.mean().detach(), "epsilon": self.epsilon()}
+
