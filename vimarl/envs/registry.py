@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,3 +145,15 @@ for _name, _module in (("spread", "simple_spread_v3"), ("tag", "simple_tag_v3"),
                        ("crypto", "simple_crypto_v3"), ("world_comm", "simple_world_comm_v3")):
     register_env(f"mpe2_{_name}", _ADAPTER, f"the reference mpe2 {_module} through the PettingZoo adapter",
                  requires="mpe", env=f"mpe2.{_module}:parallel_env")
+
+# Traffic-signal control (VPP 000 §5 / App. E.1, IP 001 App. A.1): a batched queue model of
+# CityFlow's tasks (vimarl.envs.traffic, docs/traffic.md); 100 decisions of 10 s per episode.
+_TRAFFIC = "vimarl.envs.traffic.env:TrafficSignalEnv"
+register_env("traffic_grid", _TRAFFIC, "traffic-signal control on a rows x cols grid (env.rows, env.cols): each "
+             "intersection picks one of 8 phases every 10 s, reward -queue, metric average travel time")
+for _n in (1, 2, 3, 4, 7, 10, 15, 35):
+    register_env(f"traffic_grid_{_n}x{_n}", _TRAFFIC, f"traffic_grid with {_n} x {_n} intersections", rows=_n, cols=_n)
+_TRAFFIC_EXAMPLES = Path(__file__).parent / "traffic" / "examples"
+register_env("traffic_cityflow", _TRAFFIC, "traffic-signal control on a CityFlow map: env.roadnet=PATH "
+             "env.flow=PATH (default: a bundled 2 x 2 example)",
+             roadnet=str(_TRAFFIC_EXAMPLES / "roadnet_2x2.json"), flow=str(_TRAFFIC_EXAMPLES / "flow_2x2.json"))

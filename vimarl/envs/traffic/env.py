@@ -1,0 +1,362 @@
+"""Batched traffic-signal control: a vectorised store-and-forward queue model (docs/traffic.md).
+
+Every intersection of every one of the B sub-environments is advanced together, one simulated
+second (tick) at a time; one decision lasts `decision_seconds` ticks. State, all [B, ...]:
+
+- `moving [B, D, R, 4]`: vehicles travelling on road r at free-flow speed that reach its stop
+  line at tick (ring slot) t; the last axis is their choice at the end of the road (left,
+  straight, right, end). A vehicle entering road r at tick t arrives at tick t + travel_ticks[r].
+- `queue [B, R, 3]`: vehicles stopped at the stop line, one queue (lane) per movement.
+- `occupancy [B, R]`: moving + queued vehicles on the road (<= capacity: spill-back).
+- `buffer [B, R]`: generated vehicles waiting to enter a full entry road (CityFlow's buffer).
+
+Tick t: (1) vehicles due at t join their movement's queue, or leave the network if their choice
+is "end"; (2) each intersection shows its lightphase (0, the transition phase, while a yellow is
+running); (3) each green lane earns saturation_flow vehicles of discharge credit per second and
+discharges min(queue, floor(credit)) vehicles, limited by the free space of the downstream road
+(granted in the priority straight, left, right); (4) new vehicles are generated and enter their
+first road as space allows; every vehicle entering a road draws its choice at the road's end
+from the road's turning probabilities; (5) every vehicle in the network (buffer included) adds
+one second to the travel-time account. Counts are whole vehicles; randomness comes from
+`vimarl.envs.rng` keyed on (seed, sub-environment, episode, tick).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vimarl.envs import rng
+from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep, TimeStep
+from vimarl.envs.graph import Graph
+from vimarl.envs.traffic.network import N_PHASES, grid_network, load_cityflow
+
+SPAWN_STREAM = 0x7370_6177
+TURN_STREAM = 0x7475_726E
+ELAPSED_SCALE = 60.0
+"""Observations hold the seconds since the current phase was chosen divided by this..."""
+ELAPSED_MAX = 300
+"""...counted up to this many seconds."""
+OBS_DIM = N_PHASES + 2 + 12 + 12 + 4
+
+
+@dataclass
+class TrafficConfig:
+    rows: int = 4
+    """Grid rows of intersections (synthetic grid; ignored when roadnet is set)."""
+    cols: int = 4
+    """Grid columns of intersections (synthetic grid; ignored when roadnet is set)."""
+    roadnet: str = ""
+    """Path of a CityFlow roadnet JSON; empty: the synthetic rows x cols grid."""
+    flow: str = ""
+    """Path of a CityFlow flow JSON (needs roadnet); empty: synthetic demand on the entry roads."""
+    episode_length: int = 100
+    """Decisions per episode (the papers use 100)."""
+    decision_seconds: int = 10
+    """Simulated seconds per decision (CoLight's MIN_ACTION_TIME = 10)."""
+    yellow_seconds: int = 5
+    """Seconds of the transition phase (lightphase 0) when an intersection changes phase; they
+    count inside the decision's seconds (CoLight's YELLOW_TIME = 5)."""
+    all_red: bool = False
+    """The transition phase stops right turns too (all red); CityFlow's phase 0 keeps them green."""
+    saturation_flow: float = 0.5
+    """Vehicles per second of green that one movement lane discharges (1800 veh/h)."""
+    road_length: float = 300.0
+    """Grid road length in metres (the benchmark grids' 300 m)."""
+    speed: float = 11.111
+    """Free-flow speed in m/s for grid roads (benchmark 40 km/h); for a roadnet, 0 keeps each
+    road's lane maxSpeed (capped by the flows' vehicle maxSpeed), > 0 overrides it."""
+    lanes: int = 3
+    """Lanes per grid road (left, straight, right); sets the road capacity."""
+    jam_spacing: float = 7.5
+    """Metres of lane per stopped vehicle (length 5 + minGap 2.5): capacity = lanes x length / this."""
+    road_capacity: float = 0.0
+    """> 0: every road holds this many vehicles instead (tests of spill-back)."""
+    demand_vph: float = 400.0
+    """Synthetic demand: vehicles per hour generated on each entry road (Bernoulli each second)."""
+    demand_ew_scale: float = 1.0
+    """Multiplier of the demand on entry roads heading east or west."""
+    demand_ns_scale: float = 1.0
+    """Multiplier of the demand on entry roads heading north or south."""
+    demand_profile: Literal["uniform", "peak"] = "uniform"
+    """uniform: constant rate; peak: rate x (1 + (peak_factor - 1) exp(-((t/T - peak_center) /
+    peak_width)^2 / 2)) over the episode's T seconds."""
+    peak_factor: float = 2.0
+    """Rate multiplier at the top of the peak."""
+    peak_center: float = 0.5
+    """Time of the peak as a fraction of the episode."""
+    peak_width: float = 0.15
+    """Standard deviation of the peak as a fraction of the episode."""
+    turn_ratios: tuple[float, float, float] = (0.15, 0.7, 0.15)
+    """Probabilities of left, straight, right at each signalised intersection (renormalised over
+    the existing movements); a flow file's routes replace them."""
+    reward_scale: float = 0.25
+    """r_i = -reward_scale x mean over the decision's seconds of the vehicles queued on i's
+    incoming lanes (CoLight's -0.25 x waiting vehicles)."""
+    obs_scale: float = 0.05
+    """Vehicle counts in observations and state are multiplied by this."""
+
+    def __post_init__(self):
+        if self.rows < 1 or self.cols < 1:
+            raise ValueError(f"rows and cols must be at least 1, got {self.rows} x {self.cols}")
+        if self.flow and not self.roadnet:
+            raise ValueError("flow needs a roadnet")
+        if self.episode_length < 1 or self.decision_seconds < 1:
+            raise ValueError("episode_length and decision_seconds must be at least 1")
+        if not 0 <= self.yellow_seconds:
+            raise ValueError(f"yellow_seconds must be >= 0, got {self.yellow_seconds}")
+        if self.saturation_flow <= 0 or self.road_length <= 0 or self.jam_spacing <= 0 or self.lanes < 1:
+            raise ValueError("saturation_flow, road_length, jam_spacing and lanes must be positive")
+        if self.speed < 0 or (not self.roadnet and self.speed == 0):
+            raise ValueError(f"speed must be positive, got {self.speed}")
+        if not 0 <= self.demand_vph <= 3600 or self.demand_ew_scale < 0 or self.demand_ns_scale < 0:
+            raise ValueError("demand_vph must be in [0, 3600] and the demand scales >= 0")
+        if self.demand_vph * max(self.demand_ew_scale, self.demand_ns_scale) * (
+                self.peak_factor if self.demand_profile == "peak" else 1.0) > 3600:
+            raise ValueError("synthetic demand is at most one vehicle per second per entry road")
+        if self.demand_profile not in ("uniform", "peak"):
+            raise ValueError(f"demand_profile must be uniform or peak, got {self.demand_profile!r}")
+        if len(self.turn_ratios) != 3 or min(self.turn_ratios) < 0 or sum(self.turn_ratios) <= 0:
+            raise ValueError(f"turn_ratios must be 3 non-negative numbers, got {self.turn_ratios}")
+
+
+class TrafficSignalEnv(BatchedEnv):
+    """One group "agents": each signalised intersection chooses its next phase (Discrete(8))."""
+
+    Config = TrafficConfig
+    state_fields = ("moving", "queue", "credit", "occupancy", "approaching", "buffer", "phase",
+                    "yellow_left", "elapsed", "tick", "generated", "exited", "vehicle_seconds")
+
+    def __init__(self, config: TrafficConfig, num_envs: int, seed: int = 0, device="cpu"):
+        super().__init__(config, num_envs, seed, device)
+        c = config
+        self.max_steps = c.episode_length
+        horizon = c.episode_length * c.decision_seconds
+        if c.roadnet:
+            net = load_cityflow(c.roadnet, c.flow or None, horizon, c.jam_spacing, c.turn_ratios, c.speed)
+        else:
+            net = grid_network(c.rows, c.cols, c.road_length, c.speed, c.lanes, c.jam_spacing, c.turn_ratios)
+        self.network = net
+        dev = self.device
+        n, r = net.n_nodes, net.n_roads
+        self.n_nodes, self.n_roads = n, r
+
+        def t(x, dtype=torch.float32):
+            return torch.as_tensor(x, dtype=dtype, device=dev)
+
+        long = torch.int64
+        self.travel_ticks = t(net.travel_ticks, long)
+        self.ring = int(net.travel_ticks.max()) + 1
+        cap = net.capacity if c.road_capacity <= 0 else [c.road_capacity] * r
+        self.capacity = t(cap).floor()
+        self.road_end = t(net.road_end, long)
+        self.road_end_c = self.road_end.clamp_min(0)
+        self.phase_green = t(net.phase_green, torch.bool)  # [R, 9, 3]
+        self.turn_cum = t(net.turn_probs).cumsum(-1)[:, :3].contiguous()  # [R, 3] thresholds
+        self.in_road_c, self.in_mask = t(net.in_road, long).clamp_min(0), t(net.in_road >= 0)
+        self.out_road_c, self.out_mask = t(net.out_road, long).clamp_min(0), t(net.out_road >= 0)
+        # feeders[r'] = flat index (3 r + m) of the movement of each priority (straight, left,
+        # right) that leads into road r'; 3 R (a zero pad) where none.
+        feeders = torch.full((r, 3), 3 * r, dtype=long)
+        for m, slot in ((1, 0), (0, 1), (2, 2)):
+            src = torch.nonzero(torch.as_tensor(net.down[:, m] >= 0)).flatten()
+            feeders[torch.as_tensor(net.down[src, m]), slot] = src * 3 + m
+        self.feeders = feeders.to(dev)
+        # Credit is capped at ceil(s): a lane discharges at most ceil(s) vehicles a second and
+        # s on average over a green, and an empty green lane banks at most that much.
+        self.max_discharge = math.ceil(c.saturation_flow)
+        self.credit_cap = float(self.max_discharge)
+        self.max_inflow = 4 * self.max_discharge  # three movements plus the entry buffer
+        # Synthetic demand: per-second probabilities on the entry roads.
+        entry = net.entry_roads
+        self.entry_roads = t(entry, long)
+        ew = (net.heading[entry] % 2 == 0)
+        scale = torch.where(t(ew, torch.bool), c.demand_ew_scale, c.demand_ns_scale)
+        self.entry_rate = c.demand_vph / 3600.0 * scale
+        self.schedule = None if net.schedule is None else t(net.schedule)
+        self.horizon = horizon
+
+        nbr, mask = net.neighbors()
+        self.graph = Graph(t(nbr, long).expand(num_envs, -1, -1).contiguous(),
+                           t(mask, torch.bool).expand(num_envs, -1, -1).contiguous())
+        self.groups = {"agents": GroupSpec(n_agents=n, obs_dim=OBS_DIM, action_space=Discrete(N_PHASES),
+                                           graph_k=4)}
+        self.state_dim = 10 * n + 1
+        self.ar_b = torch.arange(num_envs, device=dev)
+        self.ar_r = torch.arange(r, device=dev)
+
+        zeros = lambda *shape, dtype=torch.float32: torch.zeros(num_envs, *shape, dtype=dtype, device=dev)
+        self.moving = zeros(self.ring, r, 4)
+        self.queue = zeros(r, 3)
+        self.credit = zeros(r, 3)
+        self.occupancy = zeros(r)
+        self.approaching = zeros(r, 4)
+        self.buffer = zeros(r)
+        self.phase = zeros(n, dtype=long)
+        self.yellow_left = zeros(n, dtype=long)
+        self.elapsed = zeros(n, dtype=long)
+        self.tick = zeros(dtype=long)
+        self.generated = zeros()
+        self.exited = zeros()
+        self.vehicle_seconds = zeros()
+        # Diagnostics of the last tick (tests): green movements and vehicles discharged.
+        self.last_green = zeros(r, 3, dtype=torch.bool)
+        self.last_discharge = zeros(r, 3)
+        self.last_metrics: dict[str, Tensor] = {}
+        """metrics() after the last step, before any auto-reset (an episode's final values)."""
+
+    # -- episodes ---------------------------------------------------------------------------
+    def _reset_envs(self, env_mask: Tensor) -> None:
+        for name in self.state_fields:
+            tensor = getattr(self, name)
+            tensor[env_mask] = 0
+
+    def _step(self, actions: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        action = actions["agents"].to(self.device, torch.int64)
+        change = action != self.phase
+        self.yellow_left = torch.where(change, self.config.yellow_seconds, self.yellow_left)
+        self.elapsed = torch.where(change, 0, self.elapsed)
+        self.phase = action.clone()
+        queued = torch.zeros(self.num_envs, self.n_nodes, device=self.device)
+        # The decision's random numbers in two draws (the counter-based hash costs more than a tick),
+        # keyed on (seed, sub-environment, episode, decision).
+        seconds = self.config.decision_seconds
+        turn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, TURN_STREAM,
+                             shape=(seconds, self.n_roads, self.max_inflow))
+        spawn_u = None
+        if self.schedule is None:
+            spawn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, SPAWN_STREAM,
+                                  shape=(seconds, len(self.entry_roads)))
+        for k in range(seconds):
+            self._tick(turn_u[:, k], None if spawn_u is None else spawn_u[:, k])
+            queued += self.node_queue()
+        rewards = -self.config.reward_scale * queued / self.config.decision_seconds
+        self.last_metrics = self.metrics()  # before any auto-reset
+        return {"agents": rewards}, torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+
+    def step(self, actions: dict[str, Tensor]) -> TimeStep:
+        """The base step, with the episode's traffic metrics ([B], before any auto-reset) in info:
+        average_travel_time, vehicles_generated, vehicles_exited, vehicles_in_network."""
+        step = super().step(actions)
+        step.info.update(self.last_metrics)
+        return step
+
+    # -- the traffic model -----------------------------------------------------------------------
+    def _tick(self, turn_u: Tensor, spawn_u: Tensor | None) -> None:
+        """One second; `turn_u [B, R, M]` and `spawn_u [B, E]` are its uniform draws."""
+        c, b = self.config, self.num_envs
+        ar_b, ar_r = self.ar_b, self.ar_r
+        now = self.tick % self.ring  # [B]
+        # (1) arrivals at the stop line
+        arrived = self.moving[ar_b, now]  # [B, R, 4]
+        self.moving[ar_b, now] = 0.0
+        self.approaching -= arrived
+        self.queue += arrived[..., :3]
+        finished = arrived[..., 3]
+        self.occupancy -= finished
+        self.exited += finished.sum(-1)
+        # (2) signals
+        lightphase = torch.where(self.yellow_left > 0, 0, self.phase + 1)  # [B, N]
+        road_phase = lightphase.gather(1, self.road_end_c.expand(b, -1))  # [B, R]
+        green = self.phase_green[ar_r, road_phase]  # [B, R, 3]
+        if c.all_red:
+            green = green & (road_phase > 0).unsqueeze(-1)
+        self.yellow_left = (self.yellow_left - 1).clamp_min(0)
+        self.elapsed += 1
+        # (3) discharge, limited by credit and by the downstream road's free space
+        self.credit = torch.where(green, (self.credit + c.saturation_flow).clamp(max=self.credit_cap), 0.0)
+        want = torch.minimum(self.queue, self.credit.floor())
+        want_flat = torch.cat([want.reshape(b, -1), want.new_zeros(b, 1)], 1)
+        wanted = want_flat[:, self.feeders]  # [B, R', 3] by priority straight, left, right
+        space = self.capacity - self.occupancy
+        grants = []
+        for k in range(3):
+            grant = torch.minimum(wanted[..., k], space)
+            space = space - grant
+            grants.append(grant)
+        grants = torch.stack(grants, -1)
+        moved_flat = torch.zeros_like(want_flat)
+        moved_flat[:, self.feeders.flatten()] = grants.reshape(b, -1)  # pads receive zeros only
+        moved = moved_flat[:, :-1].view(b, -1, 3)
+        self.queue -= moved
+        self.credit -= moved
+        self.occupancy -= moved.sum(-1)
+        inflow = grants.sum(-1)  # [B, R]
+        self.last_green, self.last_discharge = green, moved
+        # (4) generation and entry
+        new = self._generate(spawn_u)
+        self.generated += new.sum(-1)
+        self.buffer += new
+        release = torch.minimum(self.buffer, space.clamp_max(self.max_discharge))
+        self.buffer -= release
+        inflow = inflow + release
+        choice = (turn_u.unsqueeze(-1) >= self.turn_cum.unsqueeze(1)).sum(-1)  # [B, R, M] in 0..3
+        present = torch.arange(self.max_inflow, device=self.device) < inflow.unsqueeze(-1)
+        lanes = torch.zeros(b, self.n_roads, 4, device=self.device)
+        lanes.scatter_add_(2, choice, present.float())
+        slot = (self.tick.unsqueeze(1) + self.travel_ticks) % self.ring  # [B, R]
+        self.moving[ar_b.unsqueeze(1), slot, ar_r] += lanes
+        self.approaching += lanes
+        self.occupancy += inflow
+        # (5) travel-time account
+        self.vehicle_seconds += self.occupancy.sum(-1) + self.buffer.sum(-1)
+        self.tick += 1
+
+    def _generate(self, u: Tensor | None) -> Tensor:
+        """[B, R] vehicles generated this second."""
+        b = self.num_envs
+        if self.schedule is not None:
+            row = self.tick.clamp(max=self.horizon - 1)
+            return self.schedule[row] * (self.tick < self.horizon).unsqueeze(1)
+        new = torch.zeros(b, self.n_roads, device=self.device)
+        rate = self.entry_rate
+        c = self.config
+        if c.demand_profile == "peak":
+            frac = self.tick.float() / self.horizon
+            bump = torch.exp(-0.5 * ((frac - c.peak_center) / c.peak_width) ** 2)
+            rate = rate * (1.0 + (c.peak_factor - 1.0) * bump).unsqueeze(1)
+        new[:, self.entry_roads] = (u < rate).float()
+        return new
+
+    # -- measurements -------------------------------------------------------------------------
+    def node_queue(self) -> Tensor:
+        """[B, N] vehicles queued on each intersection's incoming lanes (its waiting vehicles)."""
+        per_road = self.queue.sum(-1)[:, self.in_road_c]  # [B, N, 4]
+        return (per_road * self.in_mask).sum(-1)
+
+    def in_network(self) -> Tensor:
+        """[B] vehicles generated and not yet exited (on roads or in entry buffers)."""
+        return self.occupancy.sum(-1) + self.buffer.sum(-1)
+
+    def average_travel_time(self) -> Tensor:
+        """[B] CityFlow's average travel time of the current episode: finished vehicles' travel
+        times and the time so far of those still in the network, averaged over all generated
+        vehicles (= vehicle-seconds / vehicles generated; 0 before the first vehicle)."""
+        return self.vehicle_seconds / self.generated.clamp_min(1.0)
+
+    def metrics(self) -> dict[str, Tensor]:
+        return {"average_travel_time": self.average_travel_time(), "vehicles_generated": self.generated.clone(),
+                "vehicles_exited": self.exited.clone(), "vehicles_in_network": self.in_network()}
+
+    # -- observations -------------------------------------------------------------------------
+    def _observe(self) -> tuple[dict[str, GroupStep], Tensor | None]:
+        c, b = self.config, self.num_envs
+        mask = self.in_mask.unsqueeze(-1)
+        queue = self.queue[:, self.in_road_c] * mask  # [B, N, 4, 3]
+        approaching = self.approaching[:, self.in_road_c, :3] * mask
+        out = self.occupancy[:, self.out_road_c] * self.out_mask  # [B, N, 4]
+        phase = torch.nn.functional.one_hot(self.phase, N_PHASES).float()
+        yellow = (self.yellow_left > 0).float().unsqueeze(-1)
+        elapsed = (self.elapsed.clamp(max=ELAPSED_MAX).float() / ELAPSED_SCALE).unsqueeze(-1)
+        s = c.obs_scale
+        obs = torch.cat([phase, yellow, elapsed, queue.flatten(2) * s, approaching.flatten(2) * s, out * s], -1)
+        per_node = torch.cat([queue.sum(-1) * s, approaching.sum(-1) * s,
+                              self.phase.float().unsqueeze(-1) / (N_PHASES - 1), yellow], -1)
+        progress = (self.episode_step.float() / self.max_steps).unsqueeze(-1)
+        state = torch.cat([per_node.flatten(1), progress], -1)
+        zeros = torch.zeros(b, self.n_nodes, device=self.device)
+        return {"agents": GroupStep(obs=obs, reward=zeros, graph=self.graph)}, state
