@@ -16,7 +16,8 @@ NAMES = sorted(n for n in ENVIRONMENTS if n != "pettingzoo")
 def make_or_skip(name: str, seed: int):
     """The env with B = 2, or a skip naming the extra when its simulator is not installed."""
     extra = ENVIRONMENTS[name].requires
-    module = {"magent": "magent2", "sisl": "pymunk", "mpe": "mpe2", "pettingzoo": "pettingzoo"}.get(extra)
+    module = {"magent": "magent2", "sisl": "pymunk", "mpe": "mpe2", "pettingzoo": "pettingzoo",
+              "sumo": "libsumo"}.get(extra)
     if module and importlib.util.find_spec(module) is None:
         pytest.skip(f"{name} needs pip install 'vimarl[{extra}]'")
     # Short episodes for the external simulators (pursuit steps at about 90 env steps/s).

@@ -216,15 +216,15 @@ def test_continuous_env_gives_the_one_line_error(name):
     assert "cannot handle continuous actions" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_capabilities_and_recurrent_refusal():
+def test_capabilities_and_the_recurrent_option():
     assert ALGORITHMS["qmix"].capabilities.needs_state
     assert ALGORITHMS["dgn"].capabilities.needs_graph and ALGORITHMS["mfq"].capabilities.needs_graph
     with pytest.raises(VimarlError, match="needs a global state"):
         ALGORITHMS["qmix"].check_env("x", spec(), state_dim=0)
-    for cls, config in ((VDN, VDNConfig(recurrent=True)), (QMIX, QMIXConfig(recurrent=True))):
-        with pytest.raises(VimarlError, match="single transitions") as error:
-            cls(spec(), 4, config)
-        assert "\n" not in str(error.value)
+    for cls, config in ((VDN, VDNConfig), (QMIX, QMIXConfig)):  # GRU agents: tests/test_recurrent.py
+        assert cls(spec(), 4, config()).sequence_length is None
+        recurrent = cls(spec(), 4, config(recurrent=True, sequence_length=10))
+        assert recurrent.sequence_length == 10 and isinstance(recurrent.policy.critic.cell, torch.nn.GRUCell)
 
 
 @pytest.mark.parametrize("name", VALUE_BASED)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -56,6 +56,26 @@ class ReplayBuffer:
         """Rows drawn uniformly with replacement from what is stored."""
         index = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
         return {name: storage[index] for name, storage in self.data.items()}
+
+    def sample_sequences(self, count: int, length: int, streams: int) -> dict[str, Tensor]:
+        """`count` windows of `length` consecutive steps of one sub-environment, time-major: every
+        field [length, count, ...], plus "valid" [length, count] bool.
+
+        Rows must have been added `streams` at a time (one vectorised step of `streams`
+        sub-environments, as the trainer does), so that, oldest first, the next step of stored row
+        i's sub-environment is row i + streams, whatever the capacity. Windows start at a stored
+        row drawn uniformly with replacement and never wrap past the newest row (the write head):
+        their steps beyond it are not valid (the fields repeat the window's last valid step).
+        Windows may span episode boundaries; the done flags tell where.
+        """
+        start = torch.randint(self.size, (count,), generator=self.generator, device=self.device)
+        offsets = streams * torch.arange(length, device=self.device).unsqueeze(1)  # [length, 1]
+        logical = start + offsets
+        valid = logical < self.size
+        last = start + streams * ((self.size - 1 - start) // streams)  # the window's newest stored step
+        oldest = self.position if self.size == self.capacity else 0
+        index = (oldest + torch.minimum(logical, last)) % self.capacity
+        return {**{name: storage[index] for name, storage in self.data.items()}, "valid": valid}
 
     def ordered(self) -> dict[str, Tensor]:
         """Every stored row, oldest first (an on-policy rollout in the order it was collected)."""
@@ -135,6 +155,20 @@ class Transition:
     truncated: Tensor | None = None
     """[b] float32, 1.0 where the episode was cut at s' by a time limit (s' is not terminal, but the
     sub-environment's next transition starts a new episode); what on-policy returns need."""
+    valid: Tensor | None = None
+    """[T, W] bool for a batch of windows (ReplayBuffer.sample_sequences), where every tensor is
+    [T, W, ...]: the step holds a stored transition. None for batches of single transitions."""
+
+    def flatten(self) -> "Transition":
+        """A batch of windows [T, W, ...] as T * W transitions, time-major (step t of window w is row t * W + w)."""
+        def flat(value):
+            if isinstance(value, dict):
+                return {key: flat(item) for key, item in value.items()}
+            if isinstance(value, Graph):
+                return Graph(value.neighbors.flatten(0, 1), value.mask.flatten(0, 1))
+            return None if value is None else value.flatten(0, 1)
+
+        return Transition(**{f.name: flat(getattr(self, f.name)) for f in fields(self)})
 
     def continuing(self, group: str) -> Tensor:
         """[b, N] (or [b, 1] when no agent can leave) 1.0 where agent i's episode goes on after
@@ -220,4 +254,5 @@ class TransitionCodec:
             next_action_mask=per_group("next_action_mask"), next_state=rows.get("next_state"),
             terminated=rows["terminated"].float(),
             alive=per_group("alive"), next_alive=per_group("next_alive"), truncated=rows["truncated"].float(),
+            valid=rows.get("valid"),
         )

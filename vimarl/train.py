@@ -65,19 +65,22 @@ def reuse_freed_memory() -> bool:
 
 @torch.no_grad()
 def evaluate(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bool = True,
-             frames: list | None = None, mode: str | None = None) -> dict[str, Tensor]:
+             frames: list | None = None, mode: str | None = None,
+             metrics: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Returns of one episode per sub-environment, summed over agents and steps.
 
     Returns {group: [B]} for the algorithm's groups. Appends env.render() frames when given a list.
-    `mode` is one of `algo.evaluation_modes()` (None: the configured execution).
+    `mode` is one of `algo.evaluation_modes()` (None: the configured execution). Given a dict,
+    `metrics` receives the environment's metrics: every [B] float tensor in the `info` of the
+    step that ends each sub-environment's episode (e.g. traffic's average_travel_time).
     """
     with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), algo.execution(mode):
         torch.manual_seed(seed)  # sampled evaluations are reproducible and leave training's RNG alone
-        return _run_episodes(algo, env, seed, deterministic, frames)
+        return _run_episodes(algo, env, seed, deterministic, frames, metrics)
 
 
 def _run_episodes(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bool,
-                  frames: list | None) -> dict[str, Tensor]:
+                  frames: list | None, metrics: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     was_training = algo.training
     algo.eval()
     step = env.reset(seed=seed)
@@ -91,6 +94,13 @@ def _run_episodes(algo: Algorithm, env: BatchedEnv, seed: int, deterministic: bo
             frames.append(env.render())
         for g in returns:
             returns[g] += step.groups[g].reward.sum(-1) * ~finished
+        if metrics is not None:
+            ending = step.done & ~finished
+            for key, value in step.info.items():
+                if (isinstance(value, Tensor) and value.shape == (env.num_envs,)
+                        and value.is_floating_point()):
+                    kept = metrics.setdefault(key, torch.full_like(value, math.nan))
+                    metrics[key] = torch.where(ending, value, kept)
         finished |= step.done
     algo.train(was_training)
     return returns
@@ -218,8 +228,11 @@ class Trainer:
         if self.env_steps <= config.warmup_steps or len(self.buffer) == 0:
             return
         due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
+        length = self.algo.sequence_length  # recurrent: windows of consecutive steps, about batch_size in all
         for _ in range(due * config.gradient_steps):
-            self._record(self.algo.update(self.codec.decode(self.buffer.sample(config.batch_size))))
+            rows = (self.buffer.sample_sequences(max(1, config.batch_size // length), length, self.env.num_envs)
+                    if length else self.buffer.sample(config.batch_size))
+            self._record(self.algo.update(self.codec.decode(rows)))
 
     def _record(self, metrics: dict[str, Tensor]) -> None:
         for key, value in metrics.items():
@@ -228,8 +241,9 @@ class Trainer:
         self.updates += 1
 
     def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float]):
+        env_metrics: dict[str, Tensor] = {}
         returns = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
-                           self.config.eval_deterministic)
+                           self.config.eval_deterministic, metrics=env_metrics)
         main = next(iter(returns.values())).cpu().double()
         self.wall_s = time.perf_counter() - started
         steps_since, seconds_since = self.env_steps - last_row[0], self.wall_s - last_row[1]
@@ -241,6 +255,7 @@ class Trainer:
         }
         if len(returns) > 1:
             row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
+        row.update({f"eval_{k}": v.double().mean().item() for k, v in env_metrics.items()})
         for label, mode in self.algo.evaluation_modes().items():
             other = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
                              self.config.eval_deterministic, mode=mode)

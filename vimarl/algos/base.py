@@ -87,6 +87,15 @@ class Algorithm(nn.Module, ABC):
         from a replay buffer."""
         return None
 
+    @property
+    def sequence_length(self) -> int | None:
+        """Recurrent off-policy algorithms: steps per training window. The trainer then hands
+        `update` batches of windows of that many consecutive steps of one sub-environment
+        (`ReplayBuffer.sample_sequences`: every tensor [T, W, ...] time-major, `batch.valid` marking
+        the stored steps), batch_size // sequence_length windows each. None (the default): single
+        transitions."""
+        return None
+
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
         """Every collected vectorised step, as it is stored (e.g. MAAC's reward statistics)."""
 

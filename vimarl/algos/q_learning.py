@@ -6,10 +6,13 @@
 - `next_value`: max_a' Qbar(s', a') or, with double-Q, Qbar(s', argmax_a' Q(s', a')) (van Hasselt
   et al. 2016): the action from the online network, its value from the target network.
 - `td_loss`: MSE or Huber on TD errors, averaged over the agents present.
-- `AgentQNetwork`: a parameter-shared per-agent Q network with an agent-id input, and
-  `GreedyPolicy`, the policy of a value-based method (greedy in its critic's Q values).
+- `AgentQNetwork`: a parameter-shared per-agent Q network with an agent-id input, its recurrent
+  form `RecurrentAgentQ` (pymarl's GRU agent), and `GreedyPolicy`, the policy of a value-based
+  method (greedy in its critic's Q values).
 - `QLearner`: the Algorithm base holding the online and target networks, the env-step counter
-  that drives epsilon, acting, and hard or Polyak target updates.
+  that drives epsilon, acting, and hard or Polyak target updates; with a recurrent config
+  (`recurrent=True`) also the GRU state carried across env steps and the unrolling of both
+  networks over replayed windows (`sequence_q`).
 
 Only one learned group (Capabilities(heterogeneous=False)) and discrete actions.
 """
@@ -18,15 +21,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vimarl.algos.base import Algorithm, adam, agent_mean
+from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
@@ -134,11 +139,67 @@ class AgentQNetwork(nn.Module):
             nn.init.uniform_(self.agent_ids, -bound, bound)
         self.rest = nn.Sequential(nn.ReLU(), mlp(hidden[0], hidden[1:], n_actions))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """The first layer's output (agent id columns included), before its activation."""
         h = self.first(x)
-        if self.agent_ids is not None:
-            h = h + self.agent_ids
-        return self.rest(h)
+        return h if self.agent_ids is None else h + self.agent_ids
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rest(self.embed(x))
+
+
+class RecurrentAgentQ(AgentQNetwork):
+    """pymarl's rnn_agent, shared by the agents: x_t = ReLU(fc(o_t) + id_i), h_t = GRUCell(x_t, h_{t-1}),
+    Q(tau_t, .) = fc(h_t). forward(obs [B, N, D], graph, hidden [B, N, H] or None = zeros) -> (Q, h_t).
+
+    `rest` holds the ReLU and the output layer of a one-hidden-layer AgentQNetwork; the GRU cell
+    sits between them (the last action is not an input, unlike pymarl's obs_last_action).
+    """
+
+    def __init__(self, n_agents: int, in_dim: int, hidden: int, n_actions: int, agent_ids: bool):
+        super().__init__(n_agents, in_dim, (hidden,), n_actions, agent_ids)
+        self.cell = nn.GRUCell(hidden, hidden)
+
+    def inputs(self, obs: Tensor) -> Tensor:
+        return torch.relu(self.embed(obs))
+
+    def recur(self, x: Tensor, hidden: Tensor | None) -> Tensor:
+        """h_t = GRUCell(x_t, h_{t-1}) over any leading axes [..., H]."""
+        flat = self.cell(x.reshape(-1, x.shape[-1]), None if hidden is None else hidden.reshape(-1, x.shape[-1]))
+        return flat.view(x.shape)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.rest[1](hidden)
+
+    def forward(self, obs: Tensor, graph: Graph | None = None, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        hidden = self.recur(self.inputs(obs), hidden)
+        return self.head(hidden), hidden
+
+    def unroll(self, obs: Tensor, starts: Tensor, burn_in: int = 0) -> Tensor:
+        """Hidden states h_t [T, W, N, H] over windows obs [T, W, N, D] from a zero state, reset to zero
+        where `starts` [T, W] marks an episode's first step; no gradient reaches the first `burn_in` steps."""
+        x = self.inputs(obs)  # one batched layer over the whole window
+        hidden, out = torch.zeros_like(x[0]), []
+        for t in range(obs.shape[0]):
+            if t == burn_in and t:
+                hidden = hidden.detach()
+            hidden = self.recur(x[t], hidden.masked_fill(starts[t].view(-1, 1, 1), 0.0))
+            out.append(hidden)
+        return torch.stack(out)
+
+    def successor_q(self, next_obs: Tensor, hidden: Tensor) -> Tensor:
+        """Q(tau_t o'_t, .): one more GRU step from h_t on s'_t's observations (the final ones where
+        the episode ended), batched over the whole window."""
+        return self.head(self.recur(self.inputs(next_obs), hidden))
+
+
+def episode_starts(batch: Transition) -> Tensor:
+    """[T, W] bool: step t of a window opens an episode (the window's step t - 1 ended one; step 0
+    starts from a zero state in any case)."""
+    done = batch.terminated > 0
+    if batch.truncated is not None:
+        done = done | (batch.truncated > 0)
+    return torch.cat([torch.ones_like(done[:1]), done[:-1]])
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -164,13 +225,21 @@ class QLearner(Algorithm):
 
     Subclasses build the critic and implement `update`; `target_modules` lists (target, online)
     pairs beyond the policy (QMIX's mixer).
+
+    Recurrent configs (`recurrent`, `sequence_length`, `burn_in` fields, a RecurrentAgentQ critic):
+    the trainer samples windows of consecutive steps (`sequence_length`), and acting keeps the GRU
+    state of the env it is called on in `self.memory` [B, N, H], zeroed for sub-environments whose
+    episode ended (`observe`), started afresh for evaluation (`execution`) or by `reset_memory()`,
+    and saved in checkpoints so that a resumed run continues exactly.
     """
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: QLearningConfig, device="cpu"):
         super().__init__(groups, state_dim, config, device)
-        if getattr(config, "recurrent", False):
-            raise VimarlError(f"{type(self).__name__} recurrent=True needs whole episodes from replay, but vimarl's "
-                              f"buffer stores single transitions; use recurrent=False (feed-forward agents)")
+        self.recurrent = bool(getattr(config, "recurrent", False))
+        if self.recurrent and not 0 <= config.burn_in < config.sequence_length:
+            raise VimarlError(f"recurrent {type(self).__name__} needs 0 <= burn_in < sequence_length, got burn_in="
+                              f"{config.burn_in}, sequence_length={config.sequence_length}")
+        self.memory: Tensor | None = None
         (self.group, self.spec), = groups.items()
         self.n_agents, self.n_actions = self.spec.n_agents, self.spec.action_space.n
         # Env steps seen (drives epsilon) and gradient steps taken (drives hard target copies):
@@ -188,9 +257,15 @@ class QLearner(Algorithm):
     def target_modules(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_policy, self.policy)]
 
+    @property
+    def sequence_length(self) -> int | None:
+        return self.config.sequence_length if self.recurrent else None
+
     # -- exploration ----------------------------------------------------------------------------
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
         self.env_steps += step.terminated.shape[0]
+        if self.memory is not None and self.memory.shape[0] == next_step.done.shape[0]:
+            self.memory = self.memory.masked_fill(next_step.done.view(-1, 1, 1), 0.0)  # new episodes start at 0
 
     def epsilon(self) -> Tensor:
         """epsilon at the current env step (linear from epsilon_start to epsilon_end)."""
@@ -198,8 +273,36 @@ class QLearner(Algorithm):
         return linear_schedule(self.env_steps, c.epsilon_start, c.epsilon_end, c.epsilon_decay_steps)
 
     def q_values(self, obs: Tensor, graph: Graph | None) -> Tensor:
-        """Q(o_i, .) of every agent [B, N, A] with the online network."""
-        return self.policy(obs, graph)
+        """Q(o_i, .) of every agent [B, N, A] with the online network; recurrent: Q(tau_i, .) from the
+        carried GRU state (zeros for an env of another size), which moves on one step."""
+        if not self.recurrent:
+            return self.policy(obs, graph)
+        memory = self.memory if self.memory is not None and self.memory.shape[0] == obs.shape[0] else None
+        q, self.memory = self.policy(obs, graph, memory)
+        return q
+
+    def reset_memory(self) -> None:
+        """Forget the carried GRU state: the next `act` starts every episode afresh."""
+        self.memory = None
+
+    @contextmanager
+    def execution(self, mode: str | None = None) -> Iterator[None]:
+        """Evaluation episodes start from a zero GRU state; the training env's state is kept for after."""
+        memory, self.memory = self.memory, None
+        try:
+            yield
+        finally:
+            self.memory = memory
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        return {**state, "memory": self.memory} if self.recurrent else state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        if self.recurrent:
+            memory = state.get("memory")
+            self.memory = None if memory is None else memory.to(self.device)
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
@@ -217,6 +320,26 @@ class QLearner(Algorithm):
             target = self.target_policy(batch.next_obs[g], graph)
             online = self.policy(batch.next_obs[g], graph) if self.config.double_q else None
         return target, online
+
+    def sequence_q(self, batch: Transition) -> tuple[Tensor, tuple[Tensor, Tensor | None], Tensor]:
+        """Recurrent agents on a batch of windows (every tensor [T, W, ...], from the trainer's
+        `sample_sequences`): Q(tau_t, .) with gradient, (Qbar(tau_t o'_t, .), Q(tau_t o'_t, .) when
+        double_q else None) without, each [T * W, N, A] time-major, and the loss weights [T * W]
+        (valid steps after the burn-in). Both networks are unrolled over the same window with the
+        GRU state reset at episode starts; the next-step values take one more GRU step on s'."""
+        if batch.valid is None:
+            raise VimarlError(f"recurrent {type(self).__name__} trains on windows of consecutive steps "
+                              f"(ReplayBuffer.sample_sequences), not on single transitions")
+        g, starts, burn_in = self.group, episode_starts(batch), self.config.burn_in
+        hidden = self.policy.critic.unroll(batch.obs[g], starts, burn_in)
+        q = self.policy.critic.head(hidden)
+        with torch.no_grad():
+            online = self.policy.critic.successor_q(batch.next_obs[g], hidden) if self.config.double_q else None
+            target_critic = self.target_policy.critic
+            target = target_critic.successor_q(batch.next_obs[g], target_critic.unroll(batch.obs[g], starts))
+        weight = batch.valid.clone()
+        weight[:burn_in] = False
+        return q.flatten(0, 1), (target.flatten(0, 1), None if online is None else online.flatten(0, 1)), weight.flatten()
 
     def step(self, loss: Tensor) -> None:
         """One optimiser step on `loss`, then the target networks."""

@@ -22,7 +22,9 @@ Training is VDN's (vdn.py) with the mixer in place of the sum, the target mixer 
 
 The mixer input is N per-agent values and the state, so its cost is O(N E) per state: the only
 dense per-agent tensor, and no N x N one. pymarl's RMSprop (lr 5e-4) is replaced by Adam with
-the same learning rate; the other departures are VDN's (feed-forward agents, see vdn.py).
+the same learning rate; the other departures are VDN's (see vdn.py). Agents are feed-forward by
+default; `recurrent=True` gives pymarl's GRU agents, trained on replayed windows of consecutive
+steps as described in vdn.py, the mixer applied to every step of the window with that step's state.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from vimarl.algos.base import Capabilities, register
-from vimarl.algos.iql import SharedQ
 from vimarl.algos.q_learning import QLearner, frozen_copy
-from vimarl.algos.vdn import VDN, VDNConfig
+from vimarl.algos.vdn import VDN, VDNConfig, agent_network
 from vimarl.envs.base import GroupSpec
 from vimarl.nn.mlp import mlp
 
@@ -80,7 +81,7 @@ class QMIX(VDN):
         QLearner.__init__(self, groups, state_dim, config, device)
         self.mixer = QMixer(self.n_agents, state_dim, config)
         self.target_mixer = frozen_copy(self.mixer)
-        self.build(SharedQ(self.spec, config))  # the optimiser covers the agents' network and the mixer
+        self.build(agent_network(self.spec, config))  # the optimiser covers the agents' network and the mixer
 
     def target_modules(self) -> list[tuple[nn.Module, nn.Module]]:
         return [*super().target_modules(), (self.target_mixer, self.mixer)]

@@ -157,3 +157,11 @@ _TRAFFIC_EXAMPLES = Path(__file__).parent / "traffic" / "examples"
 register_env("traffic_cityflow", _TRAFFIC, "traffic-signal control on a CityFlow map: env.roadnet=PATH "
              "env.flow=PATH (default: a bundled 2 x 2 example)",
              roadnet=str(_TRAFFIC_EXAMPLES / "roadnet_2x2.json"), flow=str(_TRAFFIC_EXAMPLES / "flow_2x2.json"))
+
+# The same task on SUMO through libsumo (vimarl.envs.external.sumo; docs/traffic.md).
+_SUMO = "vimarl.envs.external.sumo:SumoTrafficEnv"
+for _n in (1, 2, 3, 4, 10):
+    register_env(f"sumo_grid_{_n}x{_n}", _SUMO, f"traffic_grid_{_n}x{_n}'s task on SUMO (libsumo)", requires="sumo",
+                 rows=_n, cols=_n)
+register_env("sumo_net", _SUMO, "traffic-signal control on a SUMO network: env.net=PATH.net.xml "
+             "env.routes=PATH.rou.xml (default: the 4 x 4 grid with synthetic demand)", requires="sumo")
