@@ -1,18 +1,14 @@
-"""Helpers shared by the benchmark scripts: command line, machine line, timing, tables, and
-sweeps of `vimarl train` runs (one directory per cell, finished cells skipped)."""
+"""Helpers shared by the benchmark scripts: command line, machine line, timing, tables, and the
+paper-figure sweeps (`vimarl sweep`, vimarl/configs/experiments/)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,56 +82,20 @@ def format_bytes(n_bytes: float) -> str:
     return f"{n_bytes:,.1f} GiB"
 
 
-# -- sweeps of training runs -------------------------------------------------------------------
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    path = Path(run_dir) / "metrics.csv"
-    return list(csv.DictReader(path.open())) if path.exists() else []
+# -- experiment suites ----------------------------------------------------------------------
+def run_experiment(name: str, argv: Sequence[str]) -> int:
+    """`vimarl sweep NAME --resume *argv` (finished cells are skipped), then print its summary table.
 
+    The figure scripts are thin wrappers around this: their cells, budgets and compared metrics
+    live in vimarl/configs/experiments/NAME.yaml (docs/experiments.md)."""
+    from vimarl.cli import main
 
-def finished(run_dir: Path, total_steps: int) -> bool:
-    """The run's last evaluation row reached `total_steps` env steps."""
-    rows = metrics(run_dir)
-    return bool(rows) and int(rows[-1]["env_steps"]) >= total_steps
-
-
-def vimarl_command(*args: str) -> list[str]:
-    """The `vimarl` entry point of this interpreter's environment, with `args`."""
-    return [str(Path(sys.executable).parent / "vimarl"), *args]
-
-
-def run_cell(train_args: list[str], run_dir: Path, total_steps: int) -> float:
-    """`vimarl train *train_args` unless the run in `run_dir` is finished; its wall seconds (0 when skipped)."""
-    if finished(run_dir, total_steps):
-        return 0.0
-    started = time.perf_counter()
-    result = subprocess.run(vimarl_command("train", *train_args), capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"{run_dir}: {result.stderr.strip().splitlines()[-1]}")
-    return time.perf_counter() - started
-
-
-def run_cells(cells: Sequence[tuple[list[str], Path, int]], workers: int) -> None:
-    """Run (train_args, run_dir, total_steps) cells in a pool of `workers` and print the wall time."""
-    started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        walls = list(pool.map(lambda cell: run_cell(*cell), cells))
-    print(f"{len(cells)} runs, {time.perf_counter() - started:.0f} s wall with {workers} workers, "
-          f"{sum(walls):.0f} s summed over runs that trained now")
-
-
-def final_values(run_dirs: Sequence[Path], column: str | Sequence[str]) -> tuple[float, float, list[float]]:
-    """Mean, population std and values of `column` (or the sum of several) at the last evaluation of each run."""
-    columns = [column] if isinstance(column, str) else list(column)
-    values = [sum(float(metrics(run_dir)[-1][c]) for c in columns) for run_dir in run_dirs]
-    return statistics.mean(values), statistics.pstdev(values), values
-
-
-def plot(run_dirs: Sequence[Path], out: Path, column: str, title: str) -> None:
-    subprocess.run(vimarl_command("plot", *map(str, run_dirs), "--out", str(out), "--metric", column,
-                                  "--title", title), check=True, capture_output=True)
-
-
-def plot_matrix(run_dir: Path, out: Path, prefix: str, title: str) -> None:
-    """Heatmap of the PREFIX_<i>_<j> columns of one run at its last evaluation (`vimarl plot --matrix`)."""
-    subprocess.run(vimarl_command("plot", str(run_dir), "--out", str(out), "--matrix", prefix, "--title", title),
-                   check=True, capture_output=True)
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--out", default=f"runs/sweeps/{name}-cpu")
+    out = options.parse_known_args(list(argv))[0].out
+    argv = [*argv, "--out", out] if "--out" not in argv else list(argv)
+    status = main(["sweep", name, "--resume", *argv])
+    summary = Path(out) / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+    return status

@@ -1,0 +1,228 @@
+"""`vimarl sweep` and `vimarl report`: experiment files, cells, the local and Ray backends, resume,
+retries, the summary and the claim verdicts (tests/data/tiny_experiment.yaml: about a second of
+training per cell, plus the subprocess's start)."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vimarl.cli import main
+from vimarl.errors import VimarlError
+from vimarl.logging import read_metrics
+from vimarl.report import NOT_REPRODUCED, PARTIAL, REPRODUCED, combine, evaluate_claim, report, verdict
+from vimarl.sweep import SOCKET_PATH_LIMIT, _ray_temp_dir, expand, experiment_names, load_experiment, sweep
+from vimarl.train import train_from_cli
+
+TINY = Path(__file__).parent / "data" / "tiny_experiment.yaml"
+QUIET = {"say": lambda line: None}
+
+
+def tiny(tmp_path: Path, **changes) -> Path:
+    """A copy of the tiny experiment with top-level keys replaced."""
+    data = yaml.safe_load(TINY.read_text())
+    data.update(changes)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_every_shipped_experiment_expands_at_both_scales():
+    names = experiment_names()
+    for required in ("masac_fig2", "vm3ac_fig3", "vm3ac_table3", "mamt_fig4", "mamt_fig10", "vpp_fig7_toy",
+                     "vpp_fig3_cityflow", "vpp_fig11_coopnav", "vpp_fig8_ablations", "ip_fig4"):
+        assert required in names
+    for name in names:
+        experiment = load_experiment(name)
+        for scale in ("cpu", "paper"):
+            cells = expand(experiment, scale, "out")
+            assert all(cell.total_steps for cell in cells), name
+        assert experiment.get("claims"), f"{name} states no claims of its paper"
+
+
+def test_expand_cells_directories_and_overrides(tmp_path):
+    experiment = load_experiment(TINY)
+    cells = expand(experiment, "cpu", tmp_path)
+    assert len(cells) == 2 * 2 * 2  # envs x algorithms x seeds
+    assert {Path(c.run_dir).relative_to(tmp_path).as_posix() for c in cells} == {
+        f"{env}/{algo}-s{seed}" for env in ("grid3", "grid2") for algo in ("vpp", "isac") for seed in (0, 1)}
+    cell = next(c for c in cells if c.key == "grid2/isac-s1")
+    assert (cell.algo, cell.env, cell.total_steps) == ("isac", "grid_coordination", 64)
+    for item in ("env.n=2", "algo.hidden_dim=8", "total_steps=64", "eval_every=32", "num_envs=4", "seed=1",
+                 "progress=false"):
+        assert item in cell.args
+    assert "env.n=2" not in next(c for c in cells if c.key == "grid3/isac-s1").args
+    paper = expand(experiment, "paper", tmp_path)
+    assert len(paper) == 2 * 2 * 3 and paper[0].total_steps == 2000
+    assert [c.key for c in expand(experiment, "cpu", tmp_path, seeds=[5], only="grid2/*")] == [
+        "grid2/vpp-s5", "grid2/isac-s5"]
+
+
+def test_per_env_algorithm_overrides_and_env_restrictions():
+    fig3 = expand(load_experiment("vm3ac_fig3"), "cpu", "out")
+    assert sum(c.label == "vm3ac_beta0" for c in fig3) == 3 and {c.env for c in fig3 if c.label == "vm3ac_beta0"} == {
+        "pp_capture_n2"}
+    tag = next(c for c in expand(load_experiment("masac_fig2"), "cpu", "out") if c.key == "tag/masac-s0")
+    assert tag.algo == "team" and "algo.members={predators: masac, prey: maddpg}" in tag.args
+    rover = next(c for c in expand(load_experiment("mamt_fig4"), "cpu", "out") if c.key == "rover_tower/mamt-s0")
+    assert "update_every=8" in rover.args and "update_every=2" not in rover.args
+    op = next(c for c in expand(load_experiment("mamt_fig10"), "cpu", "out") if c.key == "spread3_mix/mamd_op-s0")
+    assert op.algo == "mamd" and op.args[:2] == ["--preset", "op_mix"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> Path:
+    """The tiny experiment's VPP cells (2 envs x 2 seeds), run with the local backend."""
+    out = tmp_path_factory.mktemp("sweep") / "tiny"
+    sweep(TINY, out=out, workers=2, only="*/vpp-*", **QUIET)
+    return out
+
+
+def test_local_backend_runs_every_cell_and_writes_ledger_and_summary(swept):
+    ledger = json.loads((swept / "sweep.json").read_text())
+    assert ledger["experiment"] == "tiny_experiment" and ledger["backend"] == "local"
+    assert [(c["env_label"], c["label"], c["seed"], c["status"], c["attempts"]) for c in ledger["cells"]] == [
+        (env, "vpp", seed, "done", 1) for env in ("grid3", "grid2") for seed in (0, 1)]
+    assert all(c["wall_s"] > 0 for c in ledger["cells"])
+    with open(swept / "summary.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2
+    for row in rows:
+        finals = [read_metrics(swept / row["env"] / f"vpp-s{seed}" / "metrics.csv")[-1] for seed in (0, 1)]
+        assert all(final["env_steps"] == 64 for final in finals)
+        values = [final["eval_return_mean"] for final in finals]
+        assert float(row["mean"]) == pytest.approx(sum(values) / 2)
+        assert float(row["std"]) == pytest.approx(abs(values[0] - values[1]) / 2)
+    assert (swept / "grid3.png").exists() and (swept / "grid2.png").exists()
+    assert "| grid2 | eval_return_mean |" in (swept / "summary.md").read_text()
+    assert (swept / "sweep.csv").read_text().count("done") == 4
+
+
+def test_resume_skips_finished_cells_and_resumes_an_interrupted_one(swept, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(swept, out)
+    # Replace one cell by a run stopped at 32 of its 64 steps, with the checkpoint it wrote.
+    interrupted = next(c for c in expand(load_experiment(TINY), "cpu", out) if c.key == "grid2/vpp-s1")
+    shutil.rmtree(interrupted.run_dir)
+    train_from_cli(interrupted.algo, interrupted.env,
+                   [a for a in interrupted.args if not a.startswith("total_steps=")]
+                   + ["total_steps=32", f"out={interrupted.run_dir}"], None, None)
+    first_rows = read_metrics(Path(interrupted.run_dir) / "metrics.csv")
+    assert first_rows[-1]["env_steps"] == 32
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/vpp-s*/metrics.csv") if "grid2/vpp-s1" not in str(p)}
+
+    with pytest.raises(VimarlError, match="--resume"):
+        sweep(TINY, out=out, only="*/vpp-*", **QUIET)
+    sweep(TINY, out=out, workers=2, only="*/vpp-*", resume=True, **QUIET)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not run again
+    cells = {f"{c['env_label']}/{c['label']}-s{c['seed']}": c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert all(c["status"] == "done" for c in cells.values())
+    assert [cells[k]["attempts"] for k in ("grid3/vpp-s0", "grid3/vpp-s1", "grid2/vpp-s0")] == [1, 1, 1]
+    resumed = read_metrics(Path(interrupted.run_dir) / "metrics.csv")
+    assert resumed[-1]["env_steps"] == 64
+    def kept(rows):
+        return [(r["env_steps"], r["wall_s"], r["eval_return_mean"]) for r in rows]
+    assert kept(resumed[:len(first_rows)]) == kept(first_rows)  # continued, not restarted
+    assert "--resume" in (Path(interrupted.run_dir) / "train.log").read_text()
+
+
+def test_failing_cell_is_retried_then_reported_without_stopping_the_sweep(tmp_path):
+    path = tiny(tmp_path, algorithms={"vpp": {"overrides": {"algo.hidden_dim": 8}},
+                                      "broken": {"algo": "isac", "overrides": {"algo.no_such_field": 1}}})
+    out = tmp_path / "out"
+    sweep(path, out=out, workers=2, only="grid2/*", seeds=[0], retries=1, **QUIET)
+    cells = {c["label"]: c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    assert cells["vpp"]["status"] == "done" and cells["vpp"]["attempts"] == 1
+    assert cells["broken"]["status"] == "failed" and cells["broken"]["attempts"] == 2
+    assert "no_such_field" in cells["broken"]["error"]
+    assert "failed" in (out / "sweep.csv").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "n/a" in summary  # the failed cell has no numbers
+
+
+def test_ray_backend_runs_the_same_sweep(tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed: pip install 'vimarl[ray]' to test the Ray backend")
+    out, said = tmp_path / "ray", []
+    sweep(TINY, backend="ray", out=out, workers=2, only="grid2/vpp-*", say=said.append)
+    ledger = json.loads((out / "sweep.json").read_text())
+    assert ledger["backend"] == "ray"
+    assert [(c["seed"], c["status"], c["attempts"]) for c in ledger["cells"]] == [(0, "done", 1), (1, "done", 1)]
+    for seed in (0, 1):
+        assert read_metrics(out / "grid2" / f"vpp-s{seed}" / "metrics.csv")[-1]["env_steps"] == 64
+    # Ray's temp dir is inside the sweep folder unless that path is too long for its sockets.
+    inside = len(str((out / "ray").resolve())) <= SOCKET_PATH_LIMIT
+    assert (out / "ray").is_dir() == inside
+    assert any("too long for Ray's Unix sockets" in line for line in said) != inside
+
+
+def test_ray_temp_dir_falls_back_to_a_short_path(tmp_path):
+    assert _ray_temp_dir(Path("/r")) == ("/r/ray", "")
+    long_dir, note = _ray_temp_dir(tmp_path / ("x" * 50))
+    assert len(long_dir) <= SOCKET_PATH_LIMIT and "too long" in note and long_dir in note
+    shutil.rmtree(long_dir)
+
+
+@pytest.mark.parametrize("left, op, right, expected", [
+    ((10.0, 1.0), ">", (5.0, 1.0), REPRODUCED),       # 5 above, noise 1.41
+    ((6.0, 1.0), ">", (5.0, 1.0), PARTIAL),           # above, within the noise
+    ((4.0, 1.0), ">", (5.0, 1.0), NOT_REPRODUCED),
+    ((5.0, 1.0), ">=", (5.0, 2.0), REPRODUCED),
+    ((4.0, 1.0), ">=", (5.0, 1.0), PARTIAL),          # 1 below, noise 1.41
+    ((1.0, 0.5), ">=", (5.0, 0.5), NOT_REPRODUCED),
+    ((409.0, 10.0), "~=", (413.0, 10.0), REPRODUCED),
+    ((300.0, 10.0), "~=", (413.0, 10.0), NOT_REPRODUCED),
+])
+def test_verdicts_on_hand_made_means(left, op, right, expected):
+    assert verdict(left, op, right)[0] == expected
+
+
+def test_claims_combine_over_envs_and_operands():
+    summary = [{"env": e, "algorithm": a, "metric": "eval_return_mean", "main": True, "mean": m, "std": s}
+               for e, a, m, s in [("x", "a", 10, 0.1), ("x", "b", 1, 0.1), ("x", "c", 9.95, 0.1),
+                                  ("y", "a", 0, 0.1), ("y", "b", 5, 0.1), ("y", "c", -5, 0.1)]]
+    summary.append({"env": "x", "algorithm": "a", "metric": "alt", "main": False, "mean": 10.05, "std": 0.1})
+    assert evaluate_claim({"env": "x", "compare": "a > b"}, summary)[0] == REPRODUCED
+    assert evaluate_claim({"env": "x", "compare": "a > b, c"}, summary)[0] == PARTIAL
+    assert evaluate_claim({"env": ["x", "y"], "compare": "a > b"}, summary)[0] == PARTIAL
+    assert evaluate_claim({"env": "y", "compare": "a >= b"}, summary)[0] == NOT_REPRODUCED
+    assert evaluate_claim({"env": "x", "compare": "a ~= a:alt"}, summary)[0] == REPRODUCED
+    assert evaluate_claim({"env": "x", "compare": "a > missing"}, summary)[0] == "not run"
+    judged = evaluate_claim({"env": "x", "reported": {"a": 12}}, summary)
+    assert judged[0] == "needs judgement" and "a 10 +- 0.1" in judged[2]
+    assert combine([REPRODUCED, REPRODUCED]) == REPRODUCED and combine([NOT_REPRODUCED]) == NOT_REPRODUCED
+    with pytest.raises(VimarlError, match="must look like"):
+        evaluate_claim({"env": "x", "compare": "a better than b"}, summary)
+
+
+def test_report_puts_our_numbers_next_to_the_claims(swept, tmp_path):
+    out = report(swept, tmp_path / "tiny.md")
+    text = out.read_text()
+    assert "vimarl sweep" in text and "machine:" in text and "env steps per run: 64" in text
+    assert "| VPP reaches 0 | test | vpp: 0 |" in text and "**needs judgement**" in text
+    assert "VPP at least on par with ISAC" in text and "**not run**" in text  # isac cells were left out
+    assert main(["report", str(swept), "--out", str(tmp_path / "cli.md")]) == 0
+    assert (tmp_path / "cli.md").exists()
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vimarl: error: "), lines
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_errors(capsys, tmp_path):
+    assert "did you mean 'masac_fig2'" in one_line_error(capsys, ["sweep", "masac_fig"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("envs: {a: [1\n")
+    assert "not valid YAML" in one_line_error(capsys, ["sweep", str(broken)])
+    broken.write_text("envs: {grid_coordination: {}}\n")
+    assert "needs a non-empty 'algorithms'" in one_line_error(capsys, ["sweep", str(broken)])
+    broken.write_text("envs: {grid_coordination: {}}\nalgorithms: {vpp: {}}\nclaim: []\n")
+    assert "unknown key 'claim'" in one_line_error(capsys, ["sweep", str(broken)])
+    assert "holds no sweep.json" in one_line_error(capsys, ["report", str(tmp_path)])
+    assert "no cells" in one_line_error(capsys, ["sweep", str(TINY), "--only", "nothing", "--out", str(tmp_path / "o")])
+    assert "--workers" in one_line_error(capsys, ["sweep", str(TINY), "--workers", "0"])

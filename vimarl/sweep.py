@@ -1,0 +1,524 @@
+"""Experiment suites: one YAML file per paper figure or table (configs/experiments/), expanded into
+(algorithm, environment, seed) cells that each run as `vimarl train` in its own subprocess and run
+directory OUT/<env>/<label>-s<seed>; a ledger (sweep.json, sweep.csv), a summary over seeds
+(summary.md, summary.csv) and one learning-curve figure per environment at the end.
+
+An experiment file (every key but `envs` and `algorithms` is optional)::
+
+    title: "MA-SAC vs MADDPG"            # what the figure shows
+    paper: "003 (MA-SAC)"                # the paper, figure and section the cells mirror
+    figure: "Fig. 2, Sec. 5.3"
+    metric: eval_return_mean             # the compared column at the last evaluation (a list sums columns)
+    divide_by: 1                         # e.g. N for a per-agent return
+    extra_metrics: {name: column}        # further columns summarised the same way
+    random_baseline: false               # add the uniform-random policy's return to the summary
+    train: {key: value}                  # trainer overrides for every cell and scale
+    scales:
+      cpu:   {seeds: [0, 1, 2], train: {...}, note: "..."}
+      paper: {seeds: [0, 1, 2, 3, 4], train: {...}, note: "..."}
+    envs:
+      label: {env: NAME, overrides: {...}, scales: {cpu: {...}}, metric: ..., divide_by: N,
+              algorithms: {algo_label: {algo: ..., preset: ..., overrides: {...}}}}
+    algorithms:
+      label: {algo: NAME, preset: FILE_OR_NAME, overrides: {...}, envs: [env labels]}
+    claims: [...]                        # see vimarl.report
+
+Overrides are `vimarl train` key=value pairs (algo.<field>, env.<field>, trainer fields); later
+layers win: experiment train, scale train, env overrides, env scale overrides, algorithm
+overrides, the env's per-algorithm overrides.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vimarl.errors import VimarlError, did_you_mean
+from vimarl.logging import read_metrics
+
+EXPERIMENTS_DIR = Path(__file__).parent / "configs" / "experiments"
+SCALES = ("cpu", "paper")
+LEDGER, LEDGER_CSV, SUMMARY_CSV, SUMMARY_MD = "sweep.json", "sweep.csv", "summary.csv", "summary.md"
+EXPERIMENT_COPY = "experiment.yaml"
+INTERRUPTED = 130
+"""Exit status of `vimarl train` stopped by Ctrl-C or SIGTERM after writing a checkpoint."""
+QUIET = {"progress": False, "tensorboard": False}
+"""Trainer settings every cell gets unless the experiment sets them: no bars or event files."""
+TOP_KEYS = {"title", "paper", "figure", "description", "metric", "divide_by", "extra_metrics",
+            "random_baseline", "train", "scales", "envs", "algorithms", "claims", "diagnostics", "notes"}
+SOCKET_PATH_LIMIT = 40
+"""Ray's session directory holds Unix sockets whose paths must stay under 108 bytes; Ray adds up to
+about 65 characters to its temp dir (session_<date>_<pid>/sockets/plasma_store), so a longer temp
+dir path is replaced by a short one in /tmp."""
+
+
+# -- the experiment file ----------------------------------------------------------------------
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def find_experiment(name: str | Path) -> Path:
+    """A path to an experiment YAML file, or a name under vimarl/configs/experiments."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise VimarlError(f"experiment file {path} does not exist; pass a path to a YAML file or "
+                              f"one of: {', '.join(experiment_names())}")
+        return path
+    named = EXPERIMENTS_DIR / f"{name}.yaml"
+    if named.exists():
+        return named
+    raise VimarlError(f"unknown experiment '{name}'{did_you_mean(str(name), experiment_names())}; "
+                      f"choose one of: {', '.join(experiment_names())}, or pass a path to a YAML file")
+
+
+def load_experiment(name: str | Path) -> dict[str, Any]:
+    path = find_experiment(name)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise VimarlError(f"experiment {path} is not valid YAML{where}; fix the file") from None
+    if not isinstance(data, dict):
+        raise VimarlError(f"experiment {path} must be a mapping with 'envs' and 'algorithms'; fix the file")
+    unknown_keys = set(data) - TOP_KEYS
+    if unknown_keys:
+        key = sorted(unknown_keys)[0]
+        raise VimarlError(f"experiment {path} has an unknown key '{key}'{did_you_mean(key, TOP_KEYS)}; "
+                          f"allowed: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("envs", "algorithms"):
+        if not isinstance(data.get(key), dict) or not data[key]:
+            raise VimarlError(f"experiment {path} needs a non-empty '{key}' mapping (label: {{...}}); fix the file")
+    for key in ("train", "scales"):
+        if not isinstance(data.get(key, {}), dict):
+            raise VimarlError(f"experiment {path}: '{key}' must be a mapping; fix the file")
+    data.setdefault("name", path.stem)
+    data["source"] = str(path)
+    return data
+
+
+@dataclass
+class Cell:
+    """One run of the sweep: `vimarl train ALGO ENV *args` in `run_dir`."""
+
+    env_label: str
+    label: str
+    seed: int
+    algo: str
+    env: str
+    args: list[str]
+    run_dir: str
+    total_steps: int | None
+    status: str = "pending"
+    attempts: int = 0
+    wall_s: float = 0.0
+    error: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.env_label}/{self.label}-s{self.seed}"
+
+    def train_command(self, resume: bool) -> list[str]:
+        base = [sys.executable, "-m", "vimarl.cli", "train"]
+        if resume:
+            steps = [f"total_steps={self.total_steps}"] if self.total_steps is not None else []
+            return [*base, "--resume", self.run_dir, *steps, "progress=false"]
+        return [*base, self.algo, self.env, *self.args, f"out={self.run_dir}"]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return str(value)
+
+
+def _scale_section(spec: dict, scale: str, where: str) -> dict:
+    section = (spec.get("scales") or {}).get(scale) or {}
+    if not isinstance(section, dict):
+        raise VimarlError(f"{where}: scales.{scale} must be a mapping; fix the experiment file")
+    return section
+
+
+def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
+           seeds: list[int] | None = None, only: str | None = None) -> list[Cell]:
+    """The experiment's cells at `scale`, with their run directories under `out`."""
+    if scale not in SCALES:
+        raise VimarlError(f"unknown scale '{scale}'; choose one of: {', '.join(SCALES)}")
+    name = experiment.get("name", "experiment")
+    scale_spec = _scale_section(experiment, scale, name)
+    seeds = list(seeds if seeds is not None else scale_spec.get("seeds", experiment.get("seeds", [0, 1, 2])))
+    cells = []
+    for env_label, env_spec in experiment["envs"].items():
+        env_spec = env_spec or {}
+        env_algorithms = env_spec.get("algorithms") or {}
+        for label, algo_spec in experiment["algorithms"].items():
+            algo_spec = algo_spec or {}
+            if "envs" in algo_spec and env_label not in algo_spec["envs"]:
+                continue
+            per_env = env_algorithms.get(label) or {}
+            overrides: dict[str, Any] = dict(QUIET)
+            for layer in (experiment.get("train"), scale_spec.get("train"), env_spec.get("overrides"),
+                          _scale_section(env_spec, scale, f"{name} env {env_label}").get("overrides"),
+                          algo_spec.get("overrides"), per_env.get("overrides")):
+                overrides.update(layer or {})
+            algo = per_env.get("algo", algo_spec.get("algo", label))
+            env = env_spec.get("env", env_label)
+            preset = per_env.get("preset", algo_spec.get("preset"))
+            for seed in seeds:
+                key = f"{env_label}/{label}-s{seed}"
+                if only and not fnmatch.fnmatchcase(key, only) and only not in key:
+                    continue
+                args = [*(["--preset", str(preset)] if preset else []),
+                        *(f"{k}={_format(v)}" for k, v in overrides.items()), f"seed={seed}"]
+                run_dir = Path(out) / env_label / f"{label}-s{seed}"
+                cells.append(Cell(env_label, label, seed, algo, env, args, str(run_dir),
+                                  _total_steps(algo, env, overrides, preset)))
+    if not cells:
+        raise VimarlError(f"experiment {name} has no cells" + (f" matching --only {only}" if only else "")
+                          + "; check --only and --seeds")
+    return cells
+
+
+def _total_steps(algo: str, env: str, overrides: dict, preset: str | None) -> int | None:
+    """total_steps as the run will resolve it (None where the cell's config is invalid: it fails when run)."""
+    if "total_steps" in overrides and preset is None:
+        try:
+            return int(overrides["total_steps"])
+        except ValueError:
+            return None
+    from vimarl.config import parse_overrides, resolve
+    try:
+        return resolve(algo, env, parse_overrides([f"{k}={_format(v)}" for k, v in overrides.items()]),
+                       preset).train.total_steps
+    except VimarlError:
+        return None
+
+
+# -- running cells ----------------------------------------------------------------------------
+def last_env_steps(run_dir: str | Path) -> int:
+    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    return int(rows[-1]["env_steps"]) if rows else 0
+
+
+def is_finished(cell: Cell) -> bool:
+    """The run's last evaluation reached the cell's total_steps."""
+    return cell.total_steps is not None and last_env_steps(cell.run_dir) >= cell.total_steps
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    directory = Path(run_dir) / "checkpoints"
+    return directory.is_dir() and any(directory.glob("*.pt"))
+
+
+def run_cell(cell: Cell, retries: int = 1) -> Cell:
+    """Train the cell in a subprocess, resuming from its checkpoint where it has one; retried up to
+    `retries` more times. Returns the cell with status done or failed, attempts and wall seconds."""
+    run_dir = Path(cell.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for _ in range(retries + 1):
+        cell.attempts += 1
+        command = cell.train_command(resume=has_checkpoint(run_dir))
+        started = time.perf_counter()
+        with open(run_dir / "train.log", "a") as log:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            result = subprocess.run(command, stdout=log, stderr=subprocess.PIPE, text=True, env=environment)
+            log.write(result.stderr)
+        cell.wall_s += time.perf_counter() - started
+        if result.returncode == INTERRUPTED:  # Ctrl-C or SIGTERM: checkpointed, not to be retried now
+            cell.status, cell.error = "interrupted", "interrupted; continue with vimarl sweep --resume"
+            return cell
+        if result.returncode == 0 and (cell.total_steps is None or is_finished(cell)):
+            cell.status, cell.error = "done", ""
+            return cell
+        lines = result.stderr.strip().splitlines()
+        cell.error = (lines[-1] if lines else f"exit status {result.returncode}")[:300]
+    cell.status = "failed"
+    return cell
+
+
+def _ray_temp_dir(sweep_dir: Path) -> tuple[str, str]:
+    """(Ray's temp dir, a note): inside the sweep folder unless its path is too long for Ray's sockets."""
+    inside = (sweep_dir / "ray").resolve()
+    if len(str(inside)) <= SOCKET_PATH_LIMIT:
+        return str(inside), ""
+    short = tempfile.mkdtemp(prefix="vimarl-ray-")
+    return short, (f"sweep folder path is too long for Ray's Unix sockets ({len(str(inside))} > "
+                   f"{SOCKET_PATH_LIMIT} characters); Ray's temp dir is {short}")
+
+
+def _run_local(cells: list[Cell], workers: int, retries: int, done) -> None:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        for future in as_completed([pool.submit(run_cell, cell, retries) for cell in cells]):
+            done(future.result())
+    finally:  # on Ctrl-C: start no more cells; the running ones checkpoint and stop (resume with --resume)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(cells: list[Cell], workers: int, retries: int, done, sweep_dir: Path,
+             address: str | None, say) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise VimarlError("--backend ray needs Ray: pip install 'vimarl[ray]'") from None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    fallback = None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        temp_dir, note = _ray_temp_dir(sweep_dir)
+        if note:
+            say(note)
+            fallback = temp_dir
+        ray.init(num_cpus=max(1, workers), _temp_dir=temp_dir, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(run_cell)
+        pending = {task.remote(cell, retries): cell for cell in cells}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as error:  # the worker died: the cell counts as failed
+                cell.status, cell.attempts, cell.error = "failed", cell.attempts + 1, str(error).splitlines()[0][:300]
+                result = cell
+            done(result)
+    finally:
+        ray.shutdown()
+        if fallback:
+            shutil.rmtree(fallback, ignore_errors=True)
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu or platform.machine()}, {os.cpu_count()} CPUs{gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_ledger(sweep_dir: Path, header: dict, cells: list[Cell]) -> None:
+    data = {**header, "cells": [asdict(cell) for cell in cells]}
+    tmp = sweep_dir / (LEDGER + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(sweep_dir / LEDGER)
+    columns = ["env_label", "label", "seed", "status", "attempts", "wall_s", "total_steps", "run_dir", "error"]
+    with open(sweep_dir / LEDGER_CSV, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        for cell in cells:
+            writer.writerow([round(v, 1) if isinstance(v, float) else v for v in (getattr(cell, c) for c in columns)])
+
+
+def read_ledger(sweep_dir: str | Path) -> dict:
+    path = Path(sweep_dir) / LEDGER
+    if not path.exists():
+        raise VimarlError(f"{sweep_dir} holds no {LEDGER}; pass the --out folder of a vimarl sweep")
+    return json.loads(path.read_text())
+
+
+def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local", workers: int = 2,
+          resume: bool = False, out: str | Path | None = None, seeds: list[int] | None = None,
+          only: str | None = None, retries: int = 1, ray_address: str | None = None,
+          command: str = "", say=lambda line: print(line, file=sys.stderr)) -> Path:
+    """Run an experiment's cells and write the ledger, summary and figures; returns the sweep folder."""
+    if backend not in ("local", "ray"):
+        raise VimarlError(f"unknown backend '{backend}'; choose local or ray")
+    experiment = load_experiment(experiment_name)
+    sweep_dir = Path(out or f"runs/sweeps/{experiment['name']}-{scale}").absolute()  # Ray workers start elsewhere
+    cells = expand(experiment, scale, sweep_dir, seeds, only)
+    if (sweep_dir / LEDGER).exists() and not resume:
+        raise VimarlError(f"{sweep_dir} already holds a sweep; continue it with --resume or choose another --out")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    previous = {c["env_label"] + "/" + c["label"] + f"-s{c['seed']}": c
+                for c in (read_ledger(sweep_dir)["cells"] if resume and (sweep_dir / LEDGER).exists() else [])}
+    for cell in cells:
+        if cell.key in previous:
+            cell.attempts, cell.wall_s = previous[cell.key]["attempts"], previous[cell.key]["wall_s"]
+        if is_finished(cell):
+            cell.status = "done"
+    (sweep_dir / EXPERIMENT_COPY).write_text(Path(experiment["source"]).read_text())
+    header = {"experiment": experiment["name"], "scale": scale, "backend": backend, "workers": workers,
+              "seeds": sorted({c.seed for c in cells}), "command": command or f"vimarl sweep {experiment_name}",
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0}
+    todo = [cell for cell in cells if cell.status != "done"]
+    say(f"{experiment['name']} ({scale}): {len(cells)} cells, {len(cells) - len(todo)} finished already, "
+        f"{len(todo)} to run on {backend} with {workers} workers -> {sweep_dir}")
+    write_ledger(sweep_dir, header, cells)
+    started = time.perf_counter()
+    by_key = {cell.key: i for i, cell in enumerate(cells)}
+
+    def done(result: Cell) -> None:
+        cells[by_key[result.key]] = result
+        say(f"  {result.key}: {result.status} after {result.attempts} attempt(s), {result.wall_s:.0f} s"
+            + (f" ({result.error})" if result.status == "failed" else ""))
+        write_ledger(sweep_dir, header, cells)
+
+    if todo:
+        if backend == "local":
+            _run_local(todo, workers, retries, done)
+        else:
+            _run_ray(todo, workers, retries, done, sweep_dir, ray_address, say)
+    header["wall_s"] = round(time.perf_counter() - started, 1)
+    write_ledger(sweep_dir, header, cells)
+    failed = [cell.key for cell in cells if cell.status != "done"]
+    summarise(sweep_dir, experiment, cells)
+    say(f"summary in {sweep_dir / SUMMARY_MD}" + (f"; {len(failed)} cell(s) failed: {', '.join(failed)} "
+                                                    f"(logs in their train.log; rerun with --resume)" if failed else ""))
+    return sweep_dir
+
+
+# -- summary and figures ----------------------------------------------------------------------
+def metric_spec(experiment: dict, env_label: str) -> tuple[list[str], float]:
+    """(columns summed into the compared number, divisor) for an environment of the experiment."""
+    env_spec = experiment["envs"][env_label] or {}
+    metric = env_spec.get("metric", experiment.get("metric", "eval_return_mean"))
+    return ([metric] if isinstance(metric, str) else list(metric)), float(env_spec.get("divide_by", experiment.get("divide_by", 1)))
+
+
+def final_value(run_dir: str | Path, columns: list[str], divide_by: float = 1.0) -> float | None:
+    """The sum of `columns` at the run's last evaluation, divided by `divide_by` (None without metrics)."""
+    rows = read_metrics(Path(run_dir) / "metrics.csv")
+    if not rows or any(c not in rows[-1] for c in columns):
+        return None
+    return sum(float(rows[-1][c]) for c in columns) / divide_by
+
+
+def summary_rows(experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Mean and population std over seeds of the compared metric (and extra metrics) per env x algorithm."""
+    rows = []
+    metrics = {"main": None, **(experiment.get("extra_metrics") or {})}
+    for env_label in experiment["envs"]:
+        columns, divide_by = metric_spec(experiment, env_label)
+        for label in dict.fromkeys(c.label for c in cells if c.env_label == env_label):
+            runs = [c for c in cells if c.env_label == env_label and c.label == label]
+            for name, column in metrics.items():
+                used = columns if column is None else ([column] if isinstance(column, str) else list(column))
+                values = [v for v in (final_value(c.run_dir, used, divide_by) for c in runs if c.status == "done")
+                          if v is not None]
+                if name != "main" and not values:
+                    continue
+                rows.append({"env": env_label, "algorithm": label, "metric": name if name != "main" else "+".join(used),
+                             "main": name == "main", "n_seeds": len(values),
+                             "mean": statistics.mean(values) if values else math.nan,
+                             "std": statistics.pstdev(values) if values else math.nan,
+                             "values": values, "env_steps": max((last_env_steps(c.run_dir) for c in runs), default=0)})
+    return rows
+
+
+def random_baseline(experiment: dict, env_label: str, episodes: int = 20) -> float:
+    """The compared metric for uniformly random actions on the seed-0 evaluation episodes."""
+    import vimarl
+    from vimarl.algos.base import UniformPolicy
+    from vimarl.train import EVAL_SEED_OFFSET, evaluate
+
+    env_spec = experiment["envs"][env_label] or {}
+    options = {k.removeprefix("env."): v for k, v in (env_spec.get("overrides") or {}).items() if k.startswith("env.")}
+    env = vimarl.make_env(env_spec.get("env", env_label), episodes, seed=EVAL_SEED_OFFSET, **options)
+    returns = evaluate(UniformPolicy(env.groups), env, seed=EVAL_SEED_OFFSET)
+    column_group = {"eval_return_mean": next(iter(returns))} | {f"eval_return/{g}": g for g in returns}
+    columns, divide_by = metric_spec(experiment, env_label)
+    return sum(float(returns[column_group[c]].mean()) for c in columns if c in column_group) / divide_by
+
+
+def fmt(mean: float, std: float) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.3g} +- {std:.2g}"
+
+
+def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
+    """summary.csv, summary.md and <env>.png figures in the sweep folder; returns the summary rows."""
+    from vimarl.plots import matching_columns, plot_matrix, plot_runs
+
+    rows = summary_rows(experiment, cells)
+    with open(sweep_dir / SUMMARY_CSV, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["env", "algorithm", "metric", "main", "n_seeds", "mean", "std", "env_steps", "values"])
+        for r in rows:
+            writer.writerow([r["env"], r["algorithm"], r["metric"], int(r["main"]), r["n_seeds"], r["mean"], r["std"],
+                             r["env_steps"], " ".join(f"{v:.6g}" for v in r["values"])])
+    labels = list(dict.fromkeys(c.label for c in cells))
+    baseline = {}
+    if experiment.get("random_baseline"):
+        for env_label in dict.fromkeys(c.env_label for c in cells):
+            try:
+                baseline[env_label] = f"{random_baseline(experiment, env_label):.3g}"
+            except Exception as error:  # an env that cannot be built here still gets its table row
+                baseline[env_label] = f"n/a ({type(error).__name__})"
+    lines = [f"# {experiment.get('title', experiment['name'])}", "",
+             f"{experiment.get('paper', '')} {experiment.get('figure', '')}".strip()
+             + ": mean +- std over seeds at the last evaluation", ""]
+    header = ["env", "metric", *labels] + (["uniform random"] if baseline else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for env_label in dict.fromkeys(c.env_label for c in cells):
+        for metric in dict.fromkeys(r["metric"] for r in rows if r["env"] == env_label):
+            found = {r["algorithm"]: r for r in rows if r["env"] == env_label and r["metric"] == metric}
+            main = any(r["main"] for r in found.values())
+            cells_md = [fmt(found[l]["mean"], found[l]["std"]) if l in found else "" for l in labels]
+            extra = [baseline.get(env_label, "") if main else ""] if baseline else []
+            lines.append("| " + " | ".join([env_label, metric, *cells_md, *extra]) + " |")
+    (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    for env_label in dict.fromkeys(c.env_label for c in cells):
+        runs = [Path(c.run_dir) for c in cells if c.env_label == env_label and c.status == "done"
+                and read_metrics(Path(c.run_dir) / "metrics.csv")]
+        if not runs:
+            continue
+        columns, _ = metric_spec(experiment, env_label)
+        try:
+            plot_runs(runs, sweep_dir / f"{env_label}.png", columns[0], title=f"{experiment.get('paper', '')} "
+                      f"{experiment.get('figure', '')}, {env_label}: {columns[0]}, {len({c.seed for c in cells})} seeds")
+        except VimarlError:
+            pass  # a run without the column: the summary says n/a
+        for plot in experiment.get("diagnostics") or []:  # e.g. 004's per-agent KL and coordination matrices
+            for label in plot.get("algorithms", labels):
+                first = next((Path(c.run_dir) for c in cells if c.env_label == env_label and c.label == label
+                              and c.status == "done"), None)
+                if first is None:
+                    continue
+                name = sweep_dir / f"{env_label}-{label}-{plot.get('name', 'diagnostic')}.png"
+                try:
+                    if "matrix" in plot:
+                        plot_matrix(first, name, plot["matrix"], f"{env_label}, {label}: {plot['matrix']} at the end")
+                    elif matching_columns(first, plot["metric"]):
+                        plot_runs([first], name, plot["metric"], title=f"{env_label}, {label}: {plot['metric']}")
+                except VimarlError:
+                    pass
+    return rows
+
+
+def read_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """summary.csv rows with numbers parsed."""
+    path = Path(sweep_dir) / SUMMARY_CSV
+    if not path.exists():
+        raise VimarlError(f"{sweep_dir} holds no {SUMMARY_CSV}; run vimarl sweep (or --resume it) first")
+    with open(path, newline="") as file:
+        return [{**row, "main": row["main"] == "1", "n_seeds": int(row["n_seeds"]), "mean": float(row["mean"]), "std": float(row["std"]),
+                 "values": [float(v) for v in row["values"].split()]} for row in csv.DictReader(file)]
+
+
+__all__ = ["Cell", "expand", "load_experiment", "run_cell", "summarise", "sweep"]
