@@ -1,4 +1,4 @@
-"""The `vimarl` command: train | eval | list | plot. Errors print one line, never a traceback."""
+"""The `vimarl` command: train | eval | list | plot | sweep | report. Errors print one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.episodes < 1:
         raise VimarlError(f"--episodes must be at least 1, got {args.episodes}")
+    if args.policy:
+        return _eval_policy(args)
     run, algo, content = load_trained(args.run_dir, args.device)
     seed = run.train.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
     env = make_env(run.env, args.episodes, seed, args.device, config=run.env_config)
@@ -57,6 +59,33 @@ def _eval(args: argparse.Namespace) -> None:
         frames: list = []
         evaluate(algo, make_env(run.env, 1, seed, args.device, config=run.env_config), seed,
                  deterministic, frames)
+        result["gif"] = str(write_gif(frames, Path(args.gif), fps=args.fps))
+    print(json.dumps(result))
+
+
+def _eval_policy(args: argparse.Namespace) -> None:
+    """`vimarl eval --policy NAME ENV`: a scripted controller (or uniform random actions) on ENV's
+    evaluation episodes; the default seed is that of a seed-0 run, so the numbers compare with
+    `vimarl eval` of such a run. Prints the return and the env's metrics (e.g. average travel time)."""
+    from vimarl.algos.base import UniformPolicy
+    from vimarl.envs.registry import make_env
+    from vimarl.envs.traffic.controllers import scripted_policy
+    from vimarl.train import EVAL_SEED_OFFSET, evaluate
+    from vimarl.video import write_gif
+
+    seed = EVAL_SEED_OFFSET if args.seed is None else args.seed
+    env = make_env(args.run_dir, args.episodes, seed, args.device)
+    policy = (UniformPolicy(env.groups, seed) if args.policy == "uniform"
+              else scripted_policy(args.policy, args.run_dir, env.groups))
+    metrics: dict = {}
+    returns = evaluate(policy, env, seed, metrics=metrics)
+    main = next(iter(returns.values())).double()
+    result = {"policy": args.policy, "env": args.run_dir, "episodes": args.episodes, "seed": seed,
+              "return_mean": main.mean().item(), "return_std": main.std(unbiased=False).item(),
+              **{k: v.double().mean().item() for k, v in metrics.items()}}
+    if args.gif:
+        frames: list = []
+        evaluate(policy, make_env(args.run_dir, 1, seed, args.device), seed, frames=frames)
         result["gif"] = str(write_gif(frames, Path(args.gif), fps=args.fps))
     print(json.dumps(result))
 
@@ -87,6 +116,23 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"plot written to {out}", file=sys.stderr)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from vimarl.sweep import sweep
+
+    if args.workers < 1 or args.retries < 0:
+        raise VimarlError(f"--workers must be at least 1 and --retries at least 0, got {args.workers} and {args.retries}")
+    command = "vimarl " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else ""
+    sweep_dir = sweep(args.experiment, args.scale, args.backend, args.workers, args.resume, args.out,
+                      args.seeds, args.only, args.retries, args.ray_address, command)
+    print(sweep_dir)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from vimarl.report import report
+
+    print(f"report written to {report(args.sweep_dir, args.out)}", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other vimarl error
         raise VimarlError(f"{message} (see vimarl {self.prog.split()[-1]} --help)")
@@ -105,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run deterministically")
-    evaluate.add_argument("run_dir", help="a run directory or a checkpoint file")
+    evaluate.add_argument("run_dir", help="a run directory or a checkpoint file (with --policy: an env name)")
     evaluate.add_argument("--episodes", type=int, default=100)
     evaluate.add_argument("--seed", type=int, default=None, help="default: the run's evaluation seed")
     evaluate.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
@@ -114,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gif", metavar="FILE", help="also record one episode as a GIF")
     evaluate.add_argument("--fps", type=int, default=4)
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--policy", choices=("fixed_time", "max_pressure", "uniform"),
+                          help="evaluate a baseline instead of a run: `vimarl eval --policy max_pressure "
+                               "traffic_grid_4x4` (traffic signal controllers; uniform: random actions, any env)")
     evaluate.set_defaults(handler=_eval)
 
     listing = commands.add_parser("list", help="algorithms and environments with their capabilities")
@@ -128,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--x", default="env_steps", help="env_steps, agent_steps or wall_s")
     plot.add_argument("--title", default=None)
     plot.set_defaults(handler=_plot)
+
+    sweep = commands.add_parser("sweep", help="run an experiment suite (a paper figure or table): algorithms x "
+                                "envs x seeds, then a summary table and figures (docs/experiments.md)")
+    sweep.add_argument("experiment", help="a name under vimarl/configs/experiments (masac_fig2, ...) or a YAML path")
+    sweep.add_argument("--scale", default="cpu", choices=["cpu", "paper"],
+                       help="cpu: reduced budgets for a small CPU; paper: the paper's budgets (a GPU)")
+    sweep.add_argument("--backend", default="local", choices=["local", "ray"],
+                       help="local: a pool of --workers processes; ray: Ray tasks (pip install 'vimarl[ray]')")
+    sweep.add_argument("--workers", type=int, default=2, help="cells run at once (Ray: num_cpus of a local instance)")
+    sweep.add_argument("--resume", action="store_true", help="continue the sweep in --out: finished cells are "
+                       "skipped, interrupted ones resume from their checkpoints")
+    sweep.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/EXPERIMENT-SCALE)")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the scale's seeds")
+    sweep.add_argument("--only", metavar="PATTERN", default=None,
+                       help="cells whose ENV/LABEL-sSEED matches (shell pattern or substring), e.g. 'spread/*'")
+    sweep.add_argument("--retries", type=int, default=1, help="extra attempts for a failed cell (default 1)")
+    sweep.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of a local instance")
+    sweep.set_defaults(handler=_sweep)
+
+    reporting = commands.add_parser("report", help="our numbers next to the paper's claims, with verdicts")
+    reporting.add_argument("sweep_dir", help="the --out folder of a vimarl sweep")
+    reporting.add_argument("--out", default=None, help="markdown file (default docs/results/<experiment>.md)")
+    reporting.set_defaults(handler=_report)
     return parser
 
 

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from vimarl.algos.base import Algorithm
 from vimarl.envs.base import GroupSpec
-from vimarl.envs.traffic.env import ELAPSED_SCALE
+from vimarl.envs.traffic.env import ELAPSED_SCALE, OBS_DIM
 from vimarl.envs.traffic.network import N_PHASES, RIGHT, STANDARD_PHASES, turn_direction
+from vimarl.errors import VimarlError, unknown
 
 PHASE, YELLOW, ELAPSED, QUEUE, OUT = slice(0, 8), 8, 9, slice(10, 22), slice(34, 38)
 """Observation fields the controllers read."""
@@ -95,3 +96,19 @@ class MaxPressurePolicy(_Scripted):
         current = obs[..., PHASE].argmax(-1)
         held = torch.round(obs[..., ELAPSED] * ELAPSED_SCALE)
         return torch.where(held >= self.min_green_seconds, best, current)
+
+
+SCRIPTED_POLICIES = {"fixed_time": FixedTimePolicy, "max_pressure": MaxPressurePolicy}
+"""The controllers by the names `vimarl eval --policy NAME ENV` knows them."""
+
+
+def scripted_policy(name: str, env_name: str, groups: dict[str, GroupSpec]) -> _Scripted:
+    """SCRIPTED_POLICIES[name] with its defaults for a traffic env's groups; a one-line error for
+    an env whose observations are not the traffic layout (both controllers read them)."""
+    if name not in SCRIPTED_POLICIES:
+        raise unknown("policy", name, SCRIPTED_POLICIES)
+    spec = groups.get("agents")
+    if len(groups) != 1 or spec is None or spec.obs_dim != OBS_DIM or getattr(spec.action_space, "n", None) != N_PHASES:
+        raise VimarlError(f"policy '{name}' controls traffic signals; env '{env_name}' is not a traffic env "
+                          f"(traffic_grid_NxN, traffic_cityflow, sumo_grid_NxN, sumo_net)")
+    return SCRIPTED_POLICIES[name](groups)

@@ -27,13 +27,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep, TimeStep
 from vimarl.envs.graph import Graph
-from vimarl.envs.traffic.network import N_PHASES, grid_network, load_cityflow
+from vimarl.envs.traffic.network import DELTA, N_PHASES, grid_network, load_cityflow
 
 SPAWN_STREAM = 0x7370_6177
 TURN_STREAM = 0x7475_726E
@@ -42,6 +43,11 @@ ELAPSED_SCALE = 60.0
 ELAPSED_MAX = 300
 """...counted up to this many seconds."""
 OBS_DIM = N_PHASES + 2 + 12 + 12 + 4
+RENDER_SIZE = 640
+"""render(): the longest side of the image in pixels (at most)."""
+PHASE_COLOURS = np.array([[40, 90, 220], [150, 60, 200], [0, 160, 170], [230, 100, 160],
+                          [90, 60, 130], [20, 120, 90], [130, 130, 230], [180, 120, 60]], dtype=np.uint8)
+"""render(): intersection colour of each action (phase); the transition phase is drawn black."""
 
 
 @dataclass
@@ -208,6 +214,7 @@ class TrafficSignalEnv(BatchedEnv):
         self.last_discharge = zeros(r, 3)
         self.last_metrics: dict[str, Tensor] = {}
         """metrics() after the last step, before any auto-reset (an episode's final values)."""
+        self._render_layout: dict | None = None  # render()'s pixel coordinates, computed on first use
 
     # -- episodes ---------------------------------------------------------------------------
     def _reset_envs(self, env_mask: Tensor) -> None:
@@ -342,6 +349,79 @@ class TrafficSignalEnv(BatchedEnv):
         return {"average_travel_time": self.average_travel_time(), "vehicles_generated": self.generated.clone(),
                 "vehicles_exited": self.exited.clone(), "vehicles_in_network": self.in_network()}
 
+    # -- rendering ----------------------------------------------------------------------------
+    def render(self) -> np.ndarray:
+        """Sub-environment 0 as an RGB image [H, W, 3] uint8 (`vimarl eval --gif`). Each road is a
+        line on the right-hand side of its direction of travel, coloured by its occupancy over its
+        capacity (green empty, yellow half full, red full: moving + queued vehicles); each
+        intersection is a square in its phase's colour (PHASE_COLOURS), black during the
+        transition. Entry and exit roads are drawn as stubs towards their boundary nodes."""
+        if self._render_layout is None:
+            self._render_layout = self._layout()
+        layout = self._render_layout
+        image = np.full((layout["height"], layout["width"], 3), 255, dtype=np.uint8)
+        fill = (self.occupancy[0] / self.capacity).clamp(0, 1).cpu().numpy()
+        image[layout["road_y"], layout["road_x"]] = _occupancy_colour(fill)[layout["road_id"]]
+        colour = PHASE_COLOURS[self.phase[0].cpu().numpy()]
+        colour[self.yellow_left[0].cpu().numpy() > 0] = 0
+        image[layout["node_y"], layout["node_x"]] = colour[layout["node_id"]]
+        return image
+
+    def _layout(self) -> dict[str, np.ndarray | int]:
+        """Pixel coordinates of every road and intersection of the network (computed once)."""
+        net = self.network
+        xy = net.node_xy.astype(float)
+        inner = (net.road_start >= 0) & (net.road_end >= 0)
+        lengths = np.linalg.norm(xy[net.road_end[inner]] - xy[net.road_start[inner]], axis=1)
+        spacing = float(np.median(lengths)) if inner.any() and np.median(lengths) > 0 else self.config.road_length
+        direction = np.asarray(DELTA, dtype=float)[net.heading]  # travel direction where each road ends
+        start_c, end_c = net.road_start.clip(0), net.road_end.clip(0)
+        stub = 0.6 * spacing  # entry and exit roads: drawn this long towards their boundary node
+        start = np.where((net.road_start >= 0)[:, None], xy[start_c], xy[end_c] - stub * direction)
+        end = np.where((net.road_end >= 0)[:, None], xy[end_c], xy[start_c] + stub * direction)
+        drawn = (net.road_start >= 0) | (net.road_end >= 0)
+        points = np.concatenate([start[drawn], end[drawn], xy])
+        low, extent = points.min(0), np.maximum(points.max(0) - points.min(0), 1e-9)
+        margin = 8
+        scale = min((RENDER_SIZE - 2 * margin) / extent.max(), 120 / spacing)  # pixels per metre
+        width, height = (np.ceil(extent * scale).astype(int) + 2 * margin + 1).tolist()
+
+        def pixel(p):  # metres -> (column, row), y up
+            return np.stack([(p[..., 0] - low[0]) * scale + margin, (low[1] + extent[1] - p[..., 1]) * scale + margin], -1)
+
+        spacing_px = spacing * scale
+        half = max(1, round(0.16 * spacing_px))  # intersection squares of 2 half + 1 pixels
+        lane = max(1, round(0.05 * spacing_px))  # road line thickness
+        ab = pixel(np.stack([start, end], 1))  # [R, 2, 2]
+        along = ab[:, 1] - ab[:, 0]
+        unit = along / np.maximum(np.linalg.norm(along, axis=-1, keepdims=True), 1e-9)
+        right = np.stack([-unit[:, 1], unit[:, 0]], -1)  # right of travel in image coordinates (y down)
+        offset = right * (lane + 1)
+        trim_a = np.where(net.road_start >= 0, half + 1, 0)[:, None] * unit
+        trim_b = np.where(net.road_end >= 0, half + 1, 0)[:, None] * unit
+        a, b = ab[:, 0] + offset + trim_a, ab[:, 1] + offset - trim_b
+        samples = int(np.ceil(np.linalg.norm(b - a, axis=-1).max())) + 1
+        t = np.linspace(0.0, 1.0, max(samples, 2))
+        line = a[:, None] + t[None, :, None] * (b - a)[:, None]  # [R, S, 2]
+        road_id = np.broadcast_to(np.arange(len(a))[:, None], line.shape[:2])
+        keep = drawn[road_id]
+        line, road_id = line[keep], road_id[keep]
+        k = np.arange(lane) - (lane - 1) // 2
+        dx, dy = (g.ravel() for g in np.meshgrid(k, k))
+        road_x = np.rint(line[:, None, 0] + dx).astype(int).ravel()
+        road_y = np.rint(line[:, None, 1] + dy).astype(int).ravel()
+        road_id = np.repeat(road_id, len(dx))
+        k = np.arange(-half, half + 1)
+        dx, dy = (g.ravel() for g in np.meshgrid(k, k))
+        centre = np.rint(pixel(xy)).astype(int)
+        node_x, node_y = (centre[:, None, 0] + dx).ravel(), (centre[:, None, 1] + dy).ravel()
+        node_id = np.repeat(np.arange(len(xy)), len(dx))
+        inside = (road_x >= 0) & (road_x < width) & (road_y >= 0) & (road_y < height)
+        node_inside = (node_x >= 0) & (node_x < width) & (node_y >= 0) & (node_y < height)
+        return {"width": width, "height": height, "road_x": road_x[inside], "road_y": road_y[inside],
+                "road_id": road_id[inside], "node_x": node_x[node_inside], "node_y": node_y[node_inside],
+                "node_id": node_id[node_inside]}
+
     # -- observations -------------------------------------------------------------------------
     def _observe(self) -> tuple[dict[str, GroupStep], Tensor | None]:
         c, b = self.config, self.num_envs
@@ -360,3 +440,11 @@ class TrafficSignalEnv(BatchedEnv):
         state = torch.cat([per_node.flatten(1), progress], -1)
         zeros = torch.zeros(b, self.n_nodes, device=self.device)
         return {"agents": GroupStep(obs=obs, reward=zeros, graph=self.graph)}, state
+
+
+def _occupancy_colour(fill: np.ndarray) -> np.ndarray:
+    """[R, 3] uint8: green (0) -> yellow (0.5) -> red (1)."""
+    stops = np.array([[40, 170, 60], [240, 200, 40], [220, 30, 30]], dtype=float)
+    low = np.minimum((fill * 2).astype(int), 1)
+    w = (fill * 2 - low)[:, None]
+    return np.rint(stops[low] * (1 - w) + stops[low + 1] * w).astype(np.uint8)
