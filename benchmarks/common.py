@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from vimarl.sweep import cpu_name
+
 
 def parse_args(description: str) -> argparse.Namespace:
     """--threads (torch intra-op threads, default 1) and --quick (few repeats, for a smoke run)."""
@@ -23,19 +25,6 @@ def parse_args(description: str) -> argparse.Namespace:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
-
-
-def cpu_name() -> str:
-    """platform.processor(), or the model name from /proc/cpuinfo where that is empty (Linux)."""
-    name = platform.processor()
-    if not name or name == platform.machine():
-        try:
-            with open("/proc/cpuinfo") as cpuinfo:
-                name = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                             if line.startswith("model name")), name)
-        except OSError:
-            pass
-    return name or platform.machine()
 
 
 def print_machine(device: str = "cpu") -> None:

@@ -311,16 +311,19 @@ def _run_ray(cells: list[Cell], workers: int, retries: int, done, sweep_dir: Pat
             shutil.rmtree(fallback, ignore_errors=True)
 
 
-def machine() -> str:
-    cpu = platform.processor()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor(), else the architecture."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     import torch
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu or platform.machine()}, {os.cpu_count()} CPUs{gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs{gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def write_ledger(sweep_dir: Path, header: dict, cells: list[Cell]) -> None:
