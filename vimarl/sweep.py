@@ -14,7 +14,7 @@ An experiment file (every key but `envs` and `algorithms` is optional)::
     random_baseline: false               # add the uniform-random policy's return to the summary
     train: {key: value}                  # trainer overrides for every cell and scale
     scales:
-      cpu:   {seeds: [0, 1, 2], train: {...}, note: "..."}
+      cpu:   {seeds: [0, 1, 2], train: {...}, envs: [env labels], note: "..."}  # envs: a subset
       paper: {seeds: [0, 1, 2, 3, 4], train: {...}, note: "..."}
     envs:
       label: {env: NAME, overrides: {...}, scales: {cpu: {...}}, metric: ..., divide_by: N,
@@ -167,7 +167,13 @@ def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
     scale_spec = _scale_section(experiment, scale, name)
     seeds = list(seeds if seeds is not None else scale_spec.get("seeds", experiment.get("seeds", [0, 1, 2])))
     cells = []
+    scale_envs = scale_spec.get("envs")
+    unknown = sorted(set(scale_envs or ()) - set(experiment["envs"]))
+    if unknown:
+        raise VimarlError(f"{name}: scales.{scale}.envs names {', '.join(unknown)}, not in envs; fix the file")
     for env_label, env_spec in experiment["envs"].items():
+        if scale_envs is not None and env_label not in scale_envs:
+            continue
         env_spec = env_spec or {}
         env_algorithms = env_spec.get("algorithms") or {}
         for label, algo_spec in experiment["algorithms"].items():
