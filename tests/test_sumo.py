@@ -45,6 +45,16 @@ def test_interface_and_graph_match_the_batched_env():
         env.close()
 
 
+def test_complete_graph_matches_the_batched_env():
+    env = make_env("sumo_grid_2x2", episode_length=2, graph="complete")
+    try:
+        batched = make_env("traffic_grid_2x2", graph="complete")
+        assert env.groups == batched.groups and env.groups["agents"].graph_k == 3
+        assert torch.equal(env.graph.neighbors, batched.graph.neighbors) and env.graph.mask.all()
+    finally:
+        env.close()
+
+
 def test_phases_are_applied_with_transitions():
     env = make_env("sumo_grid_2x2", decision_seconds=3, yellow_seconds=5, episode_length=10)
     try:

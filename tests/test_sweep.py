@@ -33,7 +33,7 @@ def tiny(tmp_path: Path, **changes) -> Path:
 def test_every_shipped_experiment_expands_at_both_scales():
     names = experiment_names()
     for required in ("masac_fig2", "vm3ac_fig3", "vm3ac_table3", "mamt_fig4", "mamt_fig10", "vpp_fig7_toy",
-                     "vpp_fig3_cityflow", "vpp_fig11_coopnav", "vpp_fig8_ablations", "ip_fig4"):
+                     "vpp_fig3_cityflow", "vpp_fig11_coopnav", "vpp_fig8_ablations", "vpp_fig8_traffic", "ip_fig4"):
         assert required in names
     for name in names:
         experiment = load_experiment(name)
@@ -59,6 +59,16 @@ def test_expand_cells_directories_and_overrides(tmp_path):
     assert len(paper) == 2 * 2 * 3 and paper[0].total_steps == 2000
     assert [c.key for c in expand(experiment, "cpu", tmp_path, seeds=[5], only="grid2/*")] == [
         "grid2/vpp-s5", "grid2/isac-s5"]
+
+
+def test_a_scale_can_run_a_subset_of_the_envs(tmp_path):
+    experiment = load_experiment(TINY)
+    experiment["scales"]["cpu"]["envs"] = ["grid2"]
+    assert {c.env_label for c in expand(experiment, "cpu", tmp_path)} == {"grid2"}
+    assert {c.env_label for c in expand(experiment, "paper", tmp_path)} == {"grid2", "grid3"}
+    experiment["scales"]["cpu"]["envs"] = ["grid4"]
+    with pytest.raises(VimarlError, match="scales.cpu.envs names grid4, not in envs"):
+        expand(experiment, "cpu", tmp_path)
 
 
 def test_per_env_algorithm_overrides_and_env_restrictions():
@@ -192,6 +202,10 @@ def test_claims_combine_over_envs_and_operands():
     assert evaluate_claim({"env": "x", "compare": "a > missing"}, summary)[0] == "not run"
     judged = evaluate_claim({"env": "x", "reported": {"a": 12}}, summary)
     assert judged[0] == "needs judgement" and "a 10 +- 0.1" in judged[2]
+    close = evaluate_claim({"env": "x", "compare": "a ~= 10.5", "tolerance": 0.5}, summary)
+    assert close[0] == REPRODUCED and "difference -0.5" in close[1] and "10.5 " not in close[2]
+    assert evaluate_claim({"env": "x", "compare": "a ~= 12", "tolerance": 0.5}, summary)[0] == NOT_REPRODUCED
+    assert evaluate_claim({"env": "y", "compare": "c > -4.9"}, summary)[0] == NOT_REPRODUCED
     assert combine([REPRODUCED, REPRODUCED]) == REPRODUCED and combine([NOT_REPRODUCED]) == NOT_REPRODUCED
     with pytest.raises(VimarlError, match="must look like"):
         evaluate_claim({"env": "x", "compare": "a better than b"}, summary)
@@ -203,6 +217,10 @@ def test_report_puts_our_numbers_next_to_the_claims(swept, tmp_path):
     assert "vimarl sweep" in text and "machine:" in text and "env steps per run: 64" in text
     assert "| VPP reaches 0 | test | vpp: 0 |" in text and "**needs judgement**" in text
     assert "VPP at least on par with ISAC" in text and "**not run**" in text  # isac cells were left out
+    figures = sorted(tmp_path.glob("*/*.png"))  # copied next to the report, and shown
+    assert [f.relative_to(tmp_path).as_posix() for f in figures] == [
+        "tiny_experiment/grid2.png", "tiny_experiment/grid3.png"]
+    assert "![grid3](tiny_experiment/grid3.png)" in text
     assert main(["report", str(swept), "--out", str(tmp_path / "cli.md")]) == 0
     assert (tmp_path / "cli.md").exists()
 

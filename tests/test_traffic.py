@@ -10,14 +10,17 @@ import pytest
 import torch
 
 import vimarl
+from vimarl.config import parse_overrides, resolve
 from vimarl.envs.registry import make_env
 from vimarl.envs.traffic import (
     FixedTimePolicy,
     MaxPressurePolicy,
+    TrafficConfig,
     TrafficSignalEnv,
     load_cityflow,
 )
 from vimarl.envs.traffic.network import STANDARD_PHASES
+from vimarl.errors import VimarlError
 from vimarl.train import EVAL_SEED_OFFSET, evaluate, load_trained
 
 torch.set_num_threads(1)
@@ -310,6 +313,50 @@ def test_spaces_graph_state_and_presets():
         assert dict(entry.defaults) == {"rows": n, "cols": n}
     env = make_env("traffic_grid_35x35", 1, seed=0)
     assert env.groups["agents"].n_agents == 1225 and env.n_roads == 4 * 1225 + 4 * 35
+
+
+def test_complete_graph_links_every_other_intersection():
+    env = make_env("traffic_grid_3x3", 2, seed=0, graph="complete")
+    assert env.groups["agents"].graph_k == 8
+    graph = env.reset(seed=0).groups["agents"].graph
+    assert graph.neighbors.shape == (2, 9, 8) and graph.mask.all()  # K = N - 1, no padding
+    for i in range(9):
+        row = graph.neighbors[0, i].tolist()
+        assert i not in row and sorted(row) == [j for j in range(9) if j != i]
+    # Only the graph changes: the same observations, rewards and state as on the road graph.
+    road = make_env("traffic_grid_3x3", 2, seed=0)
+    road.reset(seed=0)
+    for k in range(3):
+        action = {"agents": torch.full((2, 9), k)}
+        a, b = env.step(action), road.step(action)
+        assert torch.equal(a.groups["agents"].obs, b.groups["agents"].obs) and torch.equal(a.state, b.state)
+        assert torch.equal(a.groups["agents"].reward, b.groups["agents"].reward)
+    assert a.groups["agents"].obs.abs().sum() > 0
+
+
+def test_road_graph_is_the_default_and_a_bad_graph_is_one_line():
+    default = make_env("traffic_grid_3x3", 1, seed=0).graph
+    road = make_env("traffic_grid_3x3", 1, seed=0, graph="road")
+    assert road.groups["agents"].graph_k == 4
+    assert torch.equal(default.neighbors, road.graph.neighbors) and torch.equal(default.mask, road.graph.mask)
+    # Corner 8 = (x 2, y 2), slots E, N, W, S: no east or north neighbour (padding, own index),
+    # west 7, south 5.
+    assert road.graph.neighbors[0, 8].tolist() == [8, 8, 7, 5]
+    assert road.graph.mask[0, 8].tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match=r"^graph must be one of road, complete, got 'ring'$"):
+        TrafficConfig(graph="ring")
+    with pytest.raises(VimarlError, match=r"^env.graph must be one of road, complete, got 'ring'$"):
+        resolve("vpp", "traffic_grid_3x3", parse_overrides(["env.graph=ring"]))
+
+
+def test_vpp_trains_on_the_complete_graph(tmp_path):
+    out = vimarl.train("vpp", "traffic_grid_2x2", out=str(tmp_path / "run"), total_steps=200, num_envs=2,
+                       warmup_steps=40, update_every=20, gradient_steps=1, batch_size=8, eval_every=200,
+                       eval_episodes=2, buffer_size=400, progress=False, tensorboard=False,
+                       env_config={"episode_length": 10, "graph": "complete"})
+    header, *rows = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()]
+    assert len(rows) == 2 and int(rows[-1][header.index("updates")]) > 0
+    assert all(np.isfinite(float(row[header.index("eval_return_mean")])) for row in rows)
 
 
 def test_checkpoint_state_round_trip_continues_exactly():

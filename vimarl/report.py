@@ -10,7 +10,8 @@ A claim in an experiment file::
         reported: {masac: -350}                          # optional: the paper's numbers, shown as they are
 
 `compare` is `LEFT OP RIGHT[, RIGHT ...]` with OP one of `>`, `>=`, `~=`; an operand is an algorithm
-label of the experiment, optionally with an extra metric (`vm3ac:z_shared_seed`). Means are compared
+label of the experiment, optionally with an extra metric (`vm3ac:z_shared_seed`), or a number (the
+paper's value, e.g. `vpp ~= 0` with `tolerance: 0.5`; a number has no spread). Means are compared
 against the noise of their difference, sqrt(std_left^2 + std_right^2) over seeds:
 
 - `A > B`: reproduced if mean_A - mean_B exceeds the noise; partially if it is positive but within it;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +89,16 @@ def parse_compare(text: str) -> tuple[str, str, list[str]]:
     return left, op, [r.strip() for r in rights.split(",") if r.strip()]
 
 
+def _number(operand: str) -> float | None:
+    try:
+        return float(operand)
+    except ValueError:
+        return None
+
+
 def _lookup(summary: list[dict], env: str, operand: str) -> tuple[float, float]:
+    if _number(operand) is not None:
+        return _number(operand), 0.0
     label, _, metric = operand.partition(":")
     for row in summary:
         if row["env"] == env and row["algorithm"] == label and (
@@ -104,7 +115,7 @@ def evaluate_claim(claim: dict, summary: list[dict]) -> tuple[str, str, str]:
         envs = list(dict.fromkeys(row["env"] for row in summary))
     if "compare" in claim:
         left, op, rights = parse_compare(claim["compare"])
-        operands = [left, *rights]
+        operands = [o for o in (left, *rights) if _number(o) is None]
     else:
         operands = list((claim.get("reported") or {}).keys())
     ours = "; ".join(f"{env} " + ", ".join(f"{o} {fmt(*_lookup(summary, env, o))}" for o in operands)
@@ -133,6 +144,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         raise VimarlError(f"{sweep_dir}/{EXPERIMENT_COPY} is missing or unreadable; rerun vimarl sweep --resume") from None
     name = ledger["experiment"]
     out = Path(out or f"docs/results/{name}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
     cells = ledger["cells"]
     done = sum(c["status"] == "done" for c in cells)
     scale = (experiment.get("scales") or {}).get(ledger["scale"]) or {}
@@ -147,9 +159,12 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"; failed: {', '.join(c['env_label'] + '/' + c['label'] + '-s' + str(c['seed']) for c in cells if c['status'] != 'done')}"
                  if done < len(cells) else ""), ""]
     lines += ["## Our numbers", "", (sweep_dir / "summary.md").read_text().split("\n", 2)[-1].strip(), ""]
-    figures = sorted(p.name for p in sweep_dir.glob("*.png"))
-    if figures:
-        lines += ["Figures (in the sweep folder): " + ", ".join(f"`{sweep_dir / f}`" for f in figures), ""]
+    figures = sorted(sweep_dir.glob("*.png"))
+    if figures:  # copied next to the report so that docs/ holds them
+        (out.parent / name).mkdir(parents=True, exist_ok=True)
+        for figure in figures:
+            shutil.copyfile(figure, out.parent / name / figure.name)
+        lines += [f"![{figure.stem}]({name}/{figure.name})" for figure in figures] + [""]
     claims = experiment.get("claims") or []
     if claims:
         lines += ["## Claims", "", "| claim | source | paper reports | ours | verdict | reason |", "|---|---|---|---|---|---|"]
@@ -161,7 +176,6 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         lines.append("")
     if experiment.get("notes"):
         lines += ["## Notes", "", experiment["notes"].strip(), ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
 

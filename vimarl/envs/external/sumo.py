@@ -4,9 +4,9 @@ microscopic simulator (docs/traffic.md, "SUMO backend and cross-check").
 The interface is the batched model's (`TrafficSignalEnv`): one group "agents", one per
 signalised intersection, `Discrete(8)` phases of the standard benchmark table, decisions every
 `decision_seconds` with a `yellow_seconds` transition inside the decision when the phase
-changes, the 38-value observation, the local queue reward, the E / N / W / S grid graph, the
-10 N + 1 global state and the metrics in `TimeStep.info`. So the scripted controllers and every
-algorithm run on both.
+changes, the 38-value observation, the local queue reward, the E / N / W / S grid graph (or the
+complete graph with `graph=complete`), the 10 N + 1 global state and the metrics in
+`TimeStep.info`. So the scripted controllers and every algorithm run on both.
 
 - **Networks.** `sumo_grid_NxN` builds the batched model's own grid (`grid_network`: same road
   and node ids, 300 m roads, 3 lanes, 11.111 m/s, an entry and an exit road on each open side of
@@ -43,14 +43,14 @@ import tempfile
 import xml.sax.saxutils as xml
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
-from vimarl.envs.graph import Graph
-from vimarl.envs.traffic.env import ELAPSED_MAX, ELAPSED_SCALE, OBS_DIM
+from vimarl.envs.traffic.env import ELAPSED_MAX, ELAPSED_SCALE, OBS_DIM, check_graph, intersection_graph
 from vimarl.envs.traffic.network import (DELTA, LEFT, N_PHASES, RIGHT, STANDARD_PHASES, STRAIGHT, Network,
                                          grid_network)
 from vimarl.errors import VimarlError
@@ -127,6 +127,8 @@ class SumoConfig:
     """Vehicle counts in observations and state are multiplied by this."""
     workers: str = "auto"
     """auto: in-process for B = 1, else one worker process per sub-environment; process: always workers."""
+    graph: Literal["road", "complete"] = "road"
+    """The agents' graph, as TrafficConfig.graph: road (K = 4 by direction) or complete (K = N - 1)."""
 
     def __post_init__(self):
         if self.rows < 1 or self.cols < 1:
@@ -139,6 +141,7 @@ class SumoConfig:
             raise ValueError("synthetic demand is at most one vehicle per second per entry road")
         if self.workers not in ("auto", "process"):
             raise ValueError(f"workers must be auto or process, got {self.workers!r}")
+        check_graph(self.graph)
 
 
 # -- networks ------------------------------------------------------------------------------------
@@ -473,11 +476,9 @@ class SumoTrafficEnv(BatchedEnv):
         self.layout = layout = read_layout(self.net_path, self.grid.node_ids if self.grid else None)
         n = self.n_nodes = layout.n_nodes
         dev = self.device
-        nbr, mask = layout.graph
-        self.graph = Graph(torch.as_tensor(nbr, device=dev).expand(num_envs, -1, -1).contiguous(),
-                           torch.as_tensor(mask, device=dev).expand(num_envs, -1, -1).contiguous())
+        self.graph = intersection_graph(c.graph, *layout.graph, num_envs, dev)
         self.groups = {"agents": GroupSpec(n_agents=n, obs_dim=OBS_DIM, action_space=Discrete(N_PHASES),
-                                           graph_k=4)}
+                                           graph_k=self.graph.k)}
         self.state_dim = 10 * n + 1
         self.phase = torch.zeros(num_envs, n, dtype=torch.int64, device=dev)
         self.yellow_left = torch.zeros_like(self.phase)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from vimarl.envs import rng
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep, TimeStep
-from vimarl.envs.graph import Graph
+from vimarl.envs.graph import Graph, complete_graph
 from vimarl.envs.traffic.network import DELTA, N_PHASES, grid_network, load_cityflow
 
 SPAWN_STREAM = 0x7370_6177
@@ -45,6 +45,8 @@ ELAPSED_MAX = 300
 OBS_DIM = N_PHASES + 2 + 12 + 12 + 4
 RENDER_SIZE = 640
 """render(): the longest side of the image in pixels (at most)."""
+GRAPHS = ("road", "complete")
+"""The agents' graph choices (TrafficConfig.graph, SumoConfig.graph)."""
 PHASE_COLOURS = np.array([[40, 90, 220], [150, 60, 200], [0, 160, 170], [230, 100, 160],
                           [90, 60, 130], [20, 120, 90], [130, 130, 230], [180, 120, 60]], dtype=np.uint8)
 """render(): intersection colour of each action (phase); the transition phase is drawn black."""
@@ -105,10 +107,15 @@ class TrafficConfig:
     incoming lanes (CoLight's -0.25 x waiting vehicles)."""
     obs_scale: float = 0.05
     """Vehicle counts in observations and state are multiplied by this."""
+    graph: Literal["road", "complete"] = "road"
+    """The agents' graph (000 App. G, Fig. 8 (a)-(b)): road, the adjacent signalised intersection
+    in each direction E, N, W, S (K = 4, padded at the border); complete, every other
+    intersection (K = N - 1, no padding). Observations, rewards and state do not depend on it."""
 
     def __post_init__(self):
         if self.rows < 1 or self.cols < 1:
             raise ValueError(f"rows and cols must be at least 1, got {self.rows} x {self.cols}")
+        check_graph(self.graph)
         if self.flow and not self.roadnet:
             raise ValueError("flow needs a roadnet")
         if self.episode_length < 1 or self.decision_seconds < 1:
@@ -128,6 +135,24 @@ class TrafficConfig:
             raise ValueError(f"demand_profile must be uniform or peak, got {self.demand_profile!r}")
         if len(self.turn_ratios) != 3 or min(self.turn_ratios) < 0 or sum(self.turn_ratios) <= 0:
             raise ValueError(f"turn_ratios must be 3 non-negative numbers, got {self.turn_ratios}")
+
+
+def check_graph(graph: str) -> None:
+    """Raise ValueError unless `graph` is one of GRAPHS."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+
+
+def intersection_graph(graph: str, road_neighbors: np.ndarray, road_mask: np.ndarray, num_envs: int,
+                       device: torch.device | str) -> Graph:
+    """The agents' graph of kind `graph` (see TrafficConfig.graph) in all `num_envs` environments,
+    from the road graph's `[N, 4]` neighbours and mask (`Network.neighbors`)."""
+    check_graph(graph)
+    if graph == "complete":
+        return complete_graph(len(road_neighbors), num_envs, device=device)
+    neighbors = torch.as_tensor(road_neighbors, dtype=torch.int64, device=device)
+    mask = torch.as_tensor(road_mask, dtype=torch.bool, device=device)
+    return Graph(neighbors.expand(num_envs, -1, -1).contiguous(), mask.expand(num_envs, -1, -1).contiguous())
 
 
 class TrafficSignalEnv(BatchedEnv):
@@ -186,11 +211,9 @@ class TrafficSignalEnv(BatchedEnv):
         self.schedule = None if net.schedule is None else t(net.schedule)
         self.horizon = horizon
 
-        nbr, mask = net.neighbors()
-        self.graph = Graph(t(nbr, long).expand(num_envs, -1, -1).contiguous(),
-                           t(mask, torch.bool).expand(num_envs, -1, -1).contiguous())
+        self.graph = intersection_graph(c.graph, *net.neighbors(), num_envs, dev)
         self.groups = {"agents": GroupSpec(n_agents=n, obs_dim=OBS_DIM, action_space=Discrete(N_PHASES),
-                                           graph_k=4)}
+                                           graph_k=self.graph.k)}
         self.state_dim = 10 * n + 1
         self.ar_b = torch.arange(num_envs, device=dev)
         self.ar_r = torch.arange(r, device=dev)
