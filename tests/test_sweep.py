@@ -111,6 +111,17 @@ def test_local_backend_runs_every_cell_and_writes_ledger_and_summary(swept):
     assert (swept / "sweep.csv").read_text().count("done") == 4
 
 
+def test_sweep_figures_group_runs_by_the_experiment_labels(swept):
+    from vimarl.plots import curves
+    runs = [swept / env / f"vpp-s{seed}" for env in ("grid3", "grid2") for seed in (0, 1)]
+    drawn = curves(runs, names=["vpp on grid3", "vpp on grid3", "vpp on grid2", "vpp on grid2"])
+    assert list(drawn) == ["vpp on grid3", "vpp on grid2"]
+    finals = [read_metrics(run / "metrics.csv")[-1]["eval_return_mean"] for run in runs]
+    steps, mean, spread, n_runs = drawn["vpp on grid2"]
+    assert n_runs == 2 and steps[-1] == 64
+    assert mean[-1] == pytest.approx((finals[2] + finals[3]) / 2) and spread[-1] == pytest.approx(abs(finals[2] - finals[3]) / 2)
+
+
 def test_resume_skips_finished_cells_and_resumes_an_interrupted_one(swept, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(swept, out)
@@ -126,9 +137,13 @@ def test_resume_skips_finished_cells_and_resumes_an_interrupted_one(swept, tmp_p
 
     with pytest.raises(VimarlError, match="--resume"):
         sweep(TINY, out=out, only="*/vpp-*", **QUIET)
-    sweep(TINY, out=out, workers=2, only="*/vpp-*", resume=True, **QUIET)
+    first = json.loads((out / "sweep.json").read_text())
+    sweep(TINY, out=out, workers=2, only="*/vpp-*", resume=True, command="vimarl sweep again", **QUIET)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not run again
-    cells = {f"{c['env_label']}/{c['label']}-s{c['seed']}": c for c in json.loads((out / "sweep.json").read_text())["cells"]}
+    ledger = json.loads((out / "sweep.json").read_text())
+    assert (ledger["command"], ledger["started"], len(ledger["resumed"])) == (first["command"], first["started"], 1)
+    assert ledger["wall_s"] > first["wall_s"]  # the first session's wall time plus this one's
+    cells = {f"{c['env_label']}/{c['label']}-s{c['seed']}": c for c in ledger["cells"]}
     assert all(c["status"] == "done" for c in cells.values())
     assert [cells[k]["attempts"] for k in ("grid3/vpp-s0", "grid3/vpp-s1", "grid2/vpp-s0")] == [1, 1, 1]
     resumed = read_metrics(Path(interrupted.run_dir) / "metrics.csv")

@@ -49,15 +49,18 @@ def _labels(settings: list[dict[str, object]]) -> list[str]:
     return labels
 
 
-def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env_steps"):
+def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env_steps",
+           names: list[str] | None = None):
     """{label: (x, mean, spread, n_runs)}; runs of a label are cut to the x values they share.
+    Runs are grouped by `names` (one per run, e.g. a sweep's algorithm labels) when given, else by
+    their settings, labelled by what sets them apart.
 
     The spread is the std over runs, or for a single run of eval_return_mean the std over its
     evaluation episodes (eval_return_std).
     """
-    keys: list[dict[str, object]] = []
+    keys: list[object] = []
     grouped: dict[int, list[dict[float, tuple[float, float]]]] = defaultdict(list)
-    for run_dir in map(Path, run_dirs):
+    for position, run_dir in enumerate(map(Path, run_dirs)):
         rows = read_metrics(run_dir / "metrics.csv")
         if not rows:
             raise VimarlError(f"{run_dir} has no metrics.csv rows; pass OUT directories of vimarl train runs")
@@ -65,13 +68,13 @@ def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env
             raise VimarlError(f"{run_dir}/metrics.csv has no column '{metric}' or '{x}'; "
                               f"columns: {', '.join(rows[0])}")
         within = "eval_return_std" if metric == "eval_return_mean" else None
-        settings = _settings(run_dir)
-        if settings not in keys:
-            keys.append(settings)
-        grouped[keys.index(settings)].append(
+        key = names[position] if names else _settings(run_dir)
+        if key not in keys:
+            keys.append(key)
+        grouped[keys.index(key)].append(
             {row[x]: (row[metric], row.get(within, 0.0) if within else 0.0) for row in rows})
     result = {}
-    labels = _labels(keys)
+    labels = keys if names else _labels(keys)
     for index, runs in grouped.items():
         label = labels[index]
         shared = sorted(set.intersection(*(set(run) for run in runs)))
@@ -101,14 +104,15 @@ def _pyplot():
 
 
 def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
-              x: str = "env_steps", title: str | None = None) -> Path:
+              x: str = "env_steps", title: str | None = None, names: list[str] | None = None) -> Path:
     """Draw `metric` against `x` for the runs and save a PNG to `out`. A pattern such as `kl_*`
-    draws every matching column (e.g. one curve per agent of 004's diagnostics)."""
+    draws every matching column (e.g. one curve per agent of 004's diagnostics); `names` as in
+    `curves`."""
     plt = _pyplot()
     metrics = matching_columns(run_dirs[0], metric) if any(c in metric for c in "*?[") else [metric]
     drawn = {}
     for name in metrics:
-        for label, curve in curves(run_dirs, name, x).items():
+        for label, curve in curves(run_dirs, name, x, names).items():
             drawn[f"{name}: {label}" if len(metrics) > 1 else label] = curve
     # Long legends go under the axes so they never hide the curves.
     figure, axes = plt.subplots(figsize=(6.4, 4.0 + 0.25 * len(drawn) * (len(drawn) > 2)), dpi=120)

@@ -365,8 +365,8 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     if (sweep_dir / LEDGER).exists() and not resume:
         raise VimarlError(f"{sweep_dir} already holds a sweep; continue it with --resume or choose another --out")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    previous = {c["env_label"] + "/" + c["label"] + f"-s{c['seed']}": c
-                for c in (read_ledger(sweep_dir)["cells"] if resume and (sweep_dir / LEDGER).exists() else [])}
+    before = read_ledger(sweep_dir) if resume and (sweep_dir / LEDGER).exists() else {"cells": []}
+    previous = {c["env_label"] + "/" + c["label"] + f"-s{c['seed']}": c for c in before["cells"]}
     for cell in cells:
         if cell.key in previous:
             cell.attempts, cell.wall_s = previous[cell.key]["attempts"], previous[cell.key]["wall_s"]
@@ -376,6 +376,9 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     header = {"experiment": experiment["name"], "scale": scale, "backend": backend, "workers": workers,
               "seeds": sorted({c.seed for c in cells}), "command": command or f"vimarl sweep {experiment_name}",
               "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0}
+    if "started" in before:  # a resumed sweep keeps its first command and start, and adds up wall time
+        header.update(command=before["command"], started=before["started"],
+                      resumed=[*before.get("resumed", []), header["started"]])
     todo = [cell for cell in cells if cell.status != "done"]
     say(f"{experiment['name']} ({scale}): {len(cells)} cells, {len(cells) - len(todo)} finished already, "
         f"{len(todo)} to run on {backend} with {workers} workers -> {sweep_dir}")
@@ -394,7 +397,7 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
             _run_local(todo, workers, retries, done)
         else:
             _run_ray(todo, workers, retries, done, sweep_dir, ray_address, say)
-    header["wall_s"] = round(time.perf_counter() - started, 1)
+    header["wall_s"] = round(before.get("wall_s", 0.0) + time.perf_counter() - started, 1)
     write_ledger(sweep_dir, header, cells)
     failed = [cell.key for cell in cells if cell.status != "done"]
     summarise(sweep_dir, experiment, cells)
@@ -493,14 +496,15 @@ def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict
             lines.append("| " + " | ".join([env_label, metric, *cells_md, *extra]) + " |")
     (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
     for env_label in dict.fromkeys(c.env_label for c in cells):
-        runs = [Path(c.run_dir) for c in cells if c.env_label == env_label and c.status == "done"
-                and read_metrics(Path(c.run_dir) / "metrics.csv")]
-        if not runs:
+        plotted = [c for c in cells if c.env_label == env_label and c.status == "done"
+                   and read_metrics(Path(c.run_dir) / "metrics.csv")]
+        if not plotted:
             continue
         columns, _ = metric_spec(experiment, env_label)
         try:
-            plot_runs(runs, sweep_dir / f"{env_label}.png", columns[0], title=f"{experiment.get('paper', '')} "
-                      f"{experiment.get('figure', '')}, {env_label}: {columns[0]}, {len({c.seed for c in cells})} seeds")
+            plot_runs([Path(c.run_dir) for c in plotted], sweep_dir / f"{env_label}.png", columns[0],
+                      title=f"{experiment.get('paper', '')} {experiment.get('figure', '')}, {env_label}: "
+                      f"{columns[0]}, {len({c.seed for c in cells})} seeds", names=[c.label for c in plotted])
         except VimarlError:
             pass  # a run without the column: the summary says n/a
         for plot in experiment.get("diagnostics") or []:  # e.g. 004's per-agent KL and coordination matrices
