@@ -46,14 +46,13 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Speed tables (not tests): env throughput against mpe2 and VMAS, then the layer benchmarks.
+# Speed tables (not tests): env throughput against mpe2 and VMAS, VPP scaling, traffic against
+# SUMO and MASAC training against BenchMARL (which sets up its own .venv-benchmarl on first use),
+# written to docs/benchmarks_latest.md. BENCH_ARGS=--quick for a smoke run, --only NAME for one part.
+BENCH_ARGS ?=
 bench: $(VENV)/.installed-dev
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[bench]"
-	$(BIN)/python benchmarks/env_throughput.py
-	$(BIN)/python benchmarks/graph_ops.py
-	$(BIN)/python benchmarks/graph_builders.py
-	$(BIN)/python benchmarks/vpp_update.py
-	$(BIN)/python benchmarks/vpp_scaling.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-benchmarl runs .pytest_cache

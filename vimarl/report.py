@@ -154,7 +154,8 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
              f"- scale: {ledger['scale']}" + (f" ({scale['note'].strip()})" if scale.get("note") else ""),
              f"- budget: {_budget(cells)}; seeds {', '.join(map(str, ledger['seeds']))}",
              f"- machine: {ledger['machine']}; backend {ledger['backend']}, {ledger['workers']} workers; "
-             f"started {ledger['started']}, {ledger['wall_s']:.0f} s wall"
+             f"started {ledger['started']}, "
+             + (f"{ledger['wall_s']:.0f} s wall" if ledger["wall_s"] else "wall time not recorded (cells run before)")
              + (f" over {1 + len(ledger['resumed'])} sessions" if ledger.get("resumed") else ""),
              f"- cells: {done} of {len(cells)} finished" + (
                  f"; failed: {', '.join(c['env_label'] + '/' + c['label'] + '-s' + str(c['seed']) for c in cells if c['status'] != 'done')}"
