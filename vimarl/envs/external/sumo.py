@@ -43,14 +43,13 @@ import tempfile
 import xml.sax.saxutils as xml
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
-from vimarl.envs.traffic.env import ELAPSED_MAX, ELAPSED_SCALE, OBS_DIM, check_graph, intersection_graph
+from vimarl.envs.traffic.env import ELAPSED_MAX, ELAPSED_SCALE, OBS_DIM, SignalGridConfig, intersection_graph
 from vimarl.envs.traffic.network import (DELTA, LEFT, N_PHASES, RIGHT, STANDARD_PHASES, STRAIGHT, Network,
                                          grid_network)
 from vimarl.errors import VimarlError
@@ -82,35 +81,11 @@ def sumo_binary(name: str) -> str:
 
 
 @dataclass
-class SumoConfig:
-    rows: int = 4
-    """Grid rows of intersections (ignored when net is set)."""
-    cols: int = 4
-    """Grid columns of intersections (ignored when net is set)."""
+class SumoConfig(SignalGridConfig):
     net: str = ""
     """Path of a SUMO .net.xml; empty: the rows x cols grid."""
     routes: str = ""
     """Path of a SUMO .rou.xml (needed with net); empty: synthetic demand on the grid."""
-    episode_length: int = 100
-    """Decisions per episode."""
-    decision_seconds: int = 10
-    """Simulated seconds per decision."""
-    yellow_seconds: int = 5
-    """Seconds of the transition when an intersection changes phase (inside the decision)."""
-    all_red: bool = False
-    """The transition shows red instead of yellow on the links green before it."""
-    road_length: float = 300.0
-    """Grid road length in metres (distance between intersections)."""
-    speed: float = 11.111
-    """Grid lane speed limit in m/s."""
-    demand_vph: float = 400.0
-    """Synthetic demand: vehicles per hour on each entry road (Bernoulli each second)."""
-    demand_ew_scale: float = 1.0
-    """Multiplier of the demand on entry roads heading east or west."""
-    demand_ns_scale: float = 1.0
-    """Multiplier of the demand on entry roads heading north or south."""
-    turn_ratios: tuple[float, float, float] = (0.15, 0.7, 0.15)
-    """Probabilities of left, straight, right at each intersection (synthetic routes)."""
     accel: float = 2.0
     """Vehicle acceleration (m/s^2) of the synthetic demand's vType (CityFlow's usualPosAcc)."""
     decel: float = 4.5
@@ -121,27 +96,15 @@ class SumoConfig:
     """Krauss driver imperfection (0: deterministic driving, as CityFlow)."""
     time_to_teleport: int = 300
     """SUMO's --time-to-teleport (s a vehicle may be stuck before it is teleported; -1: never)."""
-    reward_scale: float = 0.25
-    """r_i = -reward_scale x mean over the decision's seconds of the vehicles halting on i's incoming lanes."""
-    obs_scale: float = 0.05
-    """Vehicle counts in observations and state are multiplied by this."""
     workers: str = "auto"
     """auto: in-process for B = 1, else one worker process per sub-environment; process: always workers."""
-    graph: Literal["road", "complete"] = "road"
-    """The agents' graph, as TrafficConfig.graph: road (K = 4 by direction) or complete (K = N - 1)."""
 
     def __post_init__(self):
-        if self.rows < 1 or self.cols < 1:
-            raise ValueError(f"rows and cols must be at least 1, got {self.rows} x {self.cols}")
+        super().__post_init__()
         if self.net and not self.routes:
             raise ValueError("net needs routes (a .rou.xml); synthetic demand is for the grid")
-        if self.episode_length < 1 or self.decision_seconds < 1 or self.yellow_seconds < 0:
-            raise ValueError("episode_length and decision_seconds must be >= 1, yellow_seconds >= 0")
-        if not 0 <= self.demand_vph * max(self.demand_ew_scale, self.demand_ns_scale) <= 3600:
-            raise ValueError("synthetic demand is at most one vehicle per second per entry road")
         if self.workers not in ("auto", "process"):
             raise ValueError(f"workers must be auto or process, got {self.workers!r}")
-        check_graph(self.graph)
 
 
 # -- networks ------------------------------------------------------------------------------------

@@ -53,15 +53,15 @@ PHASE_COLOURS = np.array([[40, 90, 220], [150, 60, 200], [0, 160, 170], [230, 10
 
 
 @dataclass
-class TrafficConfig:
+class SignalGridConfig:
+    """The task's fields that the batched model (`TrafficConfig`) and the SUMO backend
+    (`vimarl.envs.external.sumo.SumoConfig`) share, so that `env.<field>=...` sets up the same
+    task on both."""
+
     rows: int = 4
-    """Grid rows of intersections (synthetic grid; ignored when roadnet is set)."""
+    """Grid rows of intersections (synthetic grid; ignored with a CityFlow roadnet or SUMO net)."""
     cols: int = 4
-    """Grid columns of intersections (synthetic grid; ignored when roadnet is set)."""
-    roadnet: str = ""
-    """Path of a CityFlow roadnet JSON; empty: the synthetic rows x cols grid."""
-    flow: str = ""
-    """Path of a CityFlow flow JSON (needs roadnet); empty: synthetic demand on the entry roads."""
+    """Grid columns of intersections (synthetic grid; ignored with a CityFlow roadnet or SUMO net)."""
     episode_length: int = 100
     """Decisions per episode (the papers use 100)."""
     decision_seconds: int = 10
@@ -70,41 +70,25 @@ class TrafficConfig:
     """Seconds of the transition phase (lightphase 0) when an intersection changes phase; they
     count inside the decision's seconds (CoLight's YELLOW_TIME = 5)."""
     all_red: bool = False
-    """The transition phase stops right turns too (all red); CityFlow's phase 0 keeps them green."""
-    saturation_flow: float = 0.5
-    """Vehicles per second of green that one movement lane discharges (1800 veh/h)."""
+    """The transition phase is all red, right turns included; CityFlow's phase 0 keeps right turns
+    green (SUMO: yellow on the links green before it)."""
     road_length: float = 300.0
     """Grid road length in metres (the benchmark grids' 300 m)."""
     speed: float = 11.111
-    """Free-flow speed in m/s for grid roads (benchmark 40 km/h); for a roadnet, 0 keeps each
-    road's lane maxSpeed (capped by the flows' vehicle maxSpeed), > 0 overrides it."""
-    lanes: int = 3
-    """Lanes per grid road (left, straight, right); sets the road capacity."""
-    jam_spacing: float = 7.5
-    """Metres of lane per stopped vehicle (length 5 + minGap 2.5): capacity = lanes x length / this."""
-    road_capacity: float = 0.0
-    """> 0: every road holds this many vehicles instead (tests of spill-back)."""
+    """Free-flow speed in m/s of grid roads (benchmark 40 km/h); with a CityFlow roadnet, 0 keeps
+    each road's lane maxSpeed (capped by the flows' vehicle maxSpeed), > 0 overrides it."""
     demand_vph: float = 400.0
     """Synthetic demand: vehicles per hour generated on each entry road (Bernoulli each second)."""
     demand_ew_scale: float = 1.0
     """Multiplier of the demand on entry roads heading east or west."""
     demand_ns_scale: float = 1.0
     """Multiplier of the demand on entry roads heading north or south."""
-    demand_profile: Literal["uniform", "peak"] = "uniform"
-    """uniform: constant rate; peak: rate x (1 + (peak_factor - 1) exp(-((t/T - peak_center) /
-    peak_width)^2 / 2)) over the episode's T seconds."""
-    peak_factor: float = 2.0
-    """Rate multiplier at the top of the peak."""
-    peak_center: float = 0.5
-    """Time of the peak as a fraction of the episode."""
-    peak_width: float = 0.15
-    """Standard deviation of the peak as a fraction of the episode."""
     turn_ratios: tuple[float, float, float] = (0.15, 0.7, 0.15)
     """Probabilities of left, straight, right at each signalised intersection (renormalised over
-    the existing movements); a flow file's routes replace them."""
+    the existing movements); a flow or route file's routes replace them."""
     reward_scale: float = 0.25
-    """r_i = -reward_scale x mean over the decision's seconds of the vehicles queued on i's
-    incoming lanes (CoLight's -0.25 x waiting vehicles)."""
+    """r_i = -reward_scale x mean over the decision's seconds of the vehicles queued (SUMO:
+    halting) on i's incoming lanes (CoLight's -0.25 x waiting vehicles)."""
     obs_scale: float = 0.05
     """Vehicle counts in observations and state are multiplied by this."""
     graph: Literal["road", "complete"] = "road"
@@ -116,25 +100,57 @@ class TrafficConfig:
         if self.rows < 1 or self.cols < 1:
             raise ValueError(f"rows and cols must be at least 1, got {self.rows} x {self.cols}")
         check_graph(self.graph)
-        if self.flow and not self.roadnet:
-            raise ValueError("flow needs a roadnet")
         if self.episode_length < 1 or self.decision_seconds < 1:
             raise ValueError("episode_length and decision_seconds must be at least 1")
         if not 0 <= self.yellow_seconds:
             raise ValueError(f"yellow_seconds must be >= 0, got {self.yellow_seconds}")
-        if self.saturation_flow <= 0 or self.road_length <= 0 or self.jam_spacing <= 0 or self.lanes < 1:
-            raise ValueError("saturation_flow, road_length, jam_spacing and lanes must be positive")
-        if self.speed < 0 or (not self.roadnet and self.speed == 0):
-            raise ValueError(f"speed must be positive, got {self.speed}")
+        if self.road_length <= 0 or self.speed < 0:
+            raise ValueError(f"road_length must be positive and speed >= 0, got {self.road_length}, {self.speed}")
         if not 0 <= self.demand_vph <= 3600 or self.demand_ew_scale < 0 or self.demand_ns_scale < 0:
             raise ValueError("demand_vph must be in [0, 3600] and the demand scales >= 0")
-        if self.demand_vph * max(self.demand_ew_scale, self.demand_ns_scale) * (
-                self.peak_factor if self.demand_profile == "peak" else 1.0) > 3600:
+        if self.demand_vph * max(self.demand_ew_scale, self.demand_ns_scale) > 3600:
             raise ValueError("synthetic demand is at most one vehicle per second per entry road")
-        if self.demand_profile not in ("uniform", "peak"):
-            raise ValueError(f"demand_profile must be uniform or peak, got {self.demand_profile!r}")
         if len(self.turn_ratios) != 3 or min(self.turn_ratios) < 0 or sum(self.turn_ratios) <= 0:
             raise ValueError(f"turn_ratios must be 3 non-negative numbers, got {self.turn_ratios}")
+
+
+@dataclass
+class TrafficConfig(SignalGridConfig):
+    roadnet: str = ""
+    """Path of a CityFlow roadnet JSON; empty: the synthetic rows x cols grid."""
+    flow: str = ""
+    """Path of a CityFlow flow JSON (needs roadnet); empty: synthetic demand on the entry roads."""
+    saturation_flow: float = 0.5
+    """Vehicles per second of green that one movement lane discharges (1800 veh/h)."""
+    lanes: int = 3
+    """Lanes per grid road (left, straight, right); sets the road capacity."""
+    jam_spacing: float = 7.5
+    """Metres of lane per stopped vehicle (length 5 + minGap 2.5): capacity = lanes x length / this."""
+    road_capacity: float = 0.0
+    """> 0: every road holds this many vehicles instead (tests of spill-back)."""
+    demand_profile: Literal["uniform", "peak"] = "uniform"
+    """uniform: constant rate; peak: rate x (1 + (peak_factor - 1) exp(-((t/T - peak_center) /
+    peak_width)^2 / 2)) over the episode's T seconds."""
+    peak_factor: float = 2.0
+    """Rate multiplier at the top of the peak."""
+    peak_center: float = 0.5
+    """Time of the peak as a fraction of the episode."""
+    peak_width: float = 0.15
+    """Standard deviation of the peak as a fraction of the episode."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.flow and not self.roadnet:
+            raise ValueError("flow needs a roadnet")
+        if self.saturation_flow <= 0 or self.jam_spacing <= 0 or self.lanes < 1:
+            raise ValueError("saturation_flow, jam_spacing and lanes must be positive")
+        if not self.roadnet and self.speed == 0:
+            raise ValueError(f"speed must be positive on a grid, got {self.speed}")
+        if self.demand_profile not in ("uniform", "peak"):
+            raise ValueError(f"demand_profile must be uniform or peak, got {self.demand_profile!r}")
+        if self.demand_profile == "peak" and self.demand_vph * max(
+                self.demand_ew_scale, self.demand_ns_scale) * self.peak_factor > 3600:
+            raise ValueError("synthetic demand is at most one vehicle per second per entry road")
 
 
 def check_graph(graph: str) -> None:
