@@ -217,6 +217,7 @@ def test_claims_combine_over_envs_and_operands():
     assert evaluate_claim({"env": "x", "compare": "a > missing"}, summary)[0] == "not run"
     judged = evaluate_claim({"env": "x", "reported": {"a": 12}}, summary)
     assert judged[0] == "needs judgement" and "a 10 +- 0.1" in judged[2]
+    assert evaluate_claim({"env": "z", "reported": {"a": 12}}, summary)[0] == "not run"
     close = evaluate_claim({"env": "x", "compare": "a ~= 10.5", "tolerance": 0.5}, summary)
     assert close[0] == REPRODUCED and "difference -0.5" in close[1] and "10.5 " not in close[2]
     assert evaluate_claim({"env": "x", "compare": "a ~= 12", "tolerance": 0.5}, summary)[0] == NOT_REPRODUCED

@@ -121,6 +121,8 @@ def evaluate_claim(claim: dict, summary: list[dict]) -> tuple[str, str, str]:
     ours = "; ".join(f"{env} " + ", ".join(f"{o} {fmt(*_lookup(summary, env, o))}" for o in operands)
                      for env in envs)
     if "compare" not in claim:
+        if all(math.isnan(_lookup(summary, env, o)[0]) for env in envs for o in operands):
+            return NOT_RUN, "no finished runs of these cells at this scale", ours
         return JUDGEMENT, "no automatic comparison; read our numbers against the paper's", ours
     verdicts, reasons = [], []
     for env in envs:
