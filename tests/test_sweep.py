@@ -14,7 +14,7 @@ from vimarl.cli import main
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 from vimarl.report import NOT_REPRODUCED, PARTIAL, REPRODUCED, combine, evaluate_claim, report, verdict
-from vimarl.sweep import SOCKET_PATH_LIMIT, _ray_temp_dir, expand, experiment_names, load_experiment, sweep
+from vimarl.sweep import SOCKET_PATH_LIMIT, _ray_temp_dir, expand, experiment_names, fmt, load_experiment, sweep
 from vimarl.train import train_from_cli
 
 TINY = Path(__file__).parent / "data" / "tiny_experiment.yaml"
@@ -218,6 +218,7 @@ def test_claims_combine_over_envs_and_operands():
     judged = evaluate_claim({"env": "x", "reported": {"a": 12}}, summary)
     assert judged[0] == "needs judgement" and "a 10 +- 0.1" in judged[2]
     assert evaluate_claim({"env": "z", "reported": {"a": 12}}, summary)[0] == "not run"
+    assert (fmt(-3698.4, 177.2), fmt(-0.04667, 0.0340), fmt(float("nan"), 0.0)) == ("-3,698 +- 177", "-0.0467 +- 0.034", "n/a")
     close = evaluate_claim({"env": "x", "compare": "a ~= 10.5", "tolerance": 0.5}, summary)
     assert close[0] == REPRODUCED and "difference -0.5" in close[1] and "10.5 " not in close[2]
     assert evaluate_claim({"env": "x", "compare": "a ~= 12", "tolerance": 0.5}, summary)[0] == NOT_REPRODUCED

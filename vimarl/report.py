@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from vimarl.errors import VimarlError
-from vimarl.sweep import EXPERIMENT_COPY, fmt, read_ledger, read_summary
+from vimarl.sweep import EXPERIMENT_COPY, fmt, number, read_ledger, read_summary
 
 REPRODUCED, PARTIAL, NOT_REPRODUCED, JUDGEMENT, NOT_RUN = (
     "reproduced", "partially", "not reproduced", "needs judgement", "not run")
@@ -49,7 +49,7 @@ def verdict(left: tuple[float, float], op: str, right: tuple[float, float],
         return NOT_RUN, "no finished runs"
     diff = lm - rm
     noise = tolerance if tolerance is not None else math.sqrt(ls ** 2 + rs ** 2)
-    numbers = f"difference {diff:+.3g}, noise {noise:.2g}"
+    numbers = f"difference {'+' if diff >= 0 else ''}{number(diff)}, noise {number(noise, 2)}"
     if op == ">":
         if diff > noise:
             return REPRODUCED, f"{numbers}: above by more than the noise"

@@ -376,10 +376,10 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     header = {"experiment": experiment["name"], "scale": scale, "backend": backend, "workers": workers,
               "seeds": sorted({c.seed for c in cells}), "command": command or f"vimarl sweep {experiment_name}",
               "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0}
+    todo = [cell for cell in cells if cell.status != "done"]
     if "started" in before:  # a resumed sweep keeps its first command and start, and adds up wall time
         header.update(command=before["command"], started=before["started"],
-                      resumed=[*before.get("resumed", []), header["started"]])
-    todo = [cell for cell in cells if cell.status != "done"]
+                      resumed=[*before.get("resumed", []), *([header["started"]] if todo else [])])
     say(f"{experiment['name']} ({scale}): {len(cells)} cells, {len(cells) - len(todo)} finished already, "
         f"{len(todo)} to run on {backend} with {workers} workers -> {sweep_dir}")
     write_ledger(sweep_dir, header, cells)
@@ -459,8 +459,13 @@ def random_baseline(experiment: dict, env_label: str, episodes: int = 20) -> flo
     return sum(float(returns[column_group[c]].mean()) for c in columns if c in column_group) / divide_by
 
 
+def number(value: float, digits: int = 3) -> str:
+    """`digits` significant digits, but whole numbers from 10^digits up (returns run to -10^5: no exponents)."""
+    return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+
+
 def fmt(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{mean:.3g} +- {std:.2g}"
+    return "n/a" if math.isnan(mean) else f"{number(mean)} +- {number(std, 2)}"
 
 
 def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
@@ -479,7 +484,7 @@ def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict
     if experiment.get("random_baseline"):
         for env_label in dict.fromkeys(c.env_label for c in cells):
             try:
-                baseline[env_label] = f"{random_baseline(experiment, env_label):.3g}"
+                baseline[env_label] = number(random_baseline(experiment, env_label))
             except Exception as error:  # an env that cannot be built here still gets its table row
                 baseline[env_label] = f"n/a ({type(error).__name__})"
     lines = [f"# {experiment.get('title', experiment['name'])}", "",
