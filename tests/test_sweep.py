@@ -79,6 +79,9 @@ def test_per_env_algorithm_overrides_and_env_restrictions():
     assert tag.algo == "team" and "algo.members={predators: masac, prey: maddpg}" in tag.args
     rover = next(c for c in expand(load_experiment("mamt_fig4"), "cpu", "out") if c.key == "rover_tower/mamt-s0")
     assert "update_every=8" in rover.args and "update_every=2" not in rover.args
+    fig11 = load_experiment("vpp_fig11_coopnav")
+    for scale in ("cpu", "paper"):  # a preset per scale
+        assert next(c for c in expand(fig11, scale, "out") if c.label == "vpp").args[:2] == ["--preset", scale]
     op = next(c for c in expand(load_experiment("mamt_fig10"), "cpu", "out") if c.key == "spread3_mix/mamd_op-s0")
     assert op.algo == "mamd" and op.args[:2] == ["--preset", "op_mix"]
 

@@ -20,7 +20,7 @@ An experiment file (every key but `envs` and `algorithms` is optional)::
       label: {env: NAME, overrides: {...}, scales: {cpu: {...}}, metric: ..., divide_by: N,
               algorithms: {algo_label: {algo: ..., preset: ..., overrides: {...}}}}
     algorithms:
-      label: {algo: NAME, preset: FILE_OR_NAME, overrides: {...}, envs: [env labels]}
+      label: {algo: NAME, preset: FILE_OR_NAME or {scale: FILE_OR_NAME}, overrides: {...}, envs: [env labels]}
     claims: [...]                        # see vimarl.report
 
 Overrides are `vimarl train` key=value pairs (algo.<field>, env.<field>, trainer fields); later
@@ -189,6 +189,8 @@ def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
             algo = per_env.get("algo", algo_spec.get("algo", label))
             env = env_spec.get("env", env_label)
             preset = per_env.get("preset", algo_spec.get("preset"))
+            if isinstance(preset, dict):  # one preset per scale, e.g. {cpu: cpu, paper: paper}
+                preset = preset.get(scale)
             for seed in seeds:
                 key = f"{env_label}/{label}-s{seed}"
                 if only and not fnmatch.fnmatchcase(key, only) and only not in key:
