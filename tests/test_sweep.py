@@ -226,6 +226,7 @@ def test_claims_combine_over_envs_and_operands():
     assert close[0] == REPRODUCED and "difference -0.5" in close[1] and "10.5 " not in close[2]
     assert evaluate_claim({"env": "x", "compare": "a ~= 12", "tolerance": 0.5}, summary)[0] == NOT_REPRODUCED
     assert evaluate_claim({"env": "y", "compare": "c > -4.9"}, summary)[0] == NOT_REPRODUCED
+    assert combine([REPRODUCED, "not run"]) == REPRODUCED and combine(["not run"]) == "not run"
     assert combine([REPRODUCED, REPRODUCED]) == REPRODUCED and combine([NOT_REPRODUCED]) == NOT_REPRODUCED
     with pytest.raises(VimarlError, match="must look like"):
         evaluate_claim({"env": "x", "compare": "a better than b"}, summary)

@@ -70,8 +70,10 @@ def verdict(left: tuple[float, float], op: str, right: tuple[float, float],
 
 
 def combine(verdicts: list[str]) -> str:
-    """One verdict for a claim made of several comparisons (every one must hold)."""
-    if not verdicts or all(v == NOT_RUN for v in verdicts):
+    """One verdict for a claim made of several comparisons (every one that ran must hold; the
+    reason lists the ones not run at this scale)."""
+    verdicts = [v for v in verdicts if v != NOT_RUN]
+    if not verdicts:
         return NOT_RUN
     if all(v == REPRODUCED for v in verdicts):
         return REPRODUCED
