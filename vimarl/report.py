@@ -99,8 +99,8 @@ def _number(operand: str) -> float | None:
 
 
 def _lookup(summary: list[dict], env: str, operand: str) -> tuple[float, float]:
-    if _number(operand) is not None:
-        return _number(operand), 0.0
+    if (value := _number(operand)) is not None:
+        return value, 0.0
     label, _, metric = operand.partition(":")
     for row in summary:
         if row["env"] == env and row["algorithm"] == label and (
