@@ -27,7 +27,7 @@ from common import print_machine
 
 import vimarl
 from vimarl.envs.traffic import FixedTimePolicy, MaxPressurePolicy
-from vimarl.train import EVAL_SEED_OFFSET, evaluate, load_trained
+from vimarl.train import eval_seed, evaluate, load_trained
 
 ENV = "traffic_grid_35x35"
 
@@ -59,7 +59,7 @@ def main() -> None:
         with open(out / "metrics.csv") as file:
             rows = list(csv.DictReader(file))
         updates = int(rows[-1]["updates"])
-        seed = args.seed + EVAL_SEED_OFFSET  # the trainer's evaluation episodes
+        seed = eval_seed(0)  # the trainer's first evaluation episodes
         env = vimarl.make_env(ENV, args.eval_episodes, seed, args.device)
         _, algo, _ = load_trained(out, args.device)
         algo.to(args.device)

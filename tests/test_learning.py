@@ -4,7 +4,7 @@ import pytest
 
 import vimarl
 from vimarl.logging import read_metrics
-from vimarl.train import EVAL_SEED_OFFSET, evaluate
+from vimarl.train import FINAL_EVAL_SEED, evaluate
 
 from helpers import UniformPolicy
 
@@ -49,11 +49,11 @@ COOP_NAV_BUDGET = dict(total_steps=10_000, warmup_steps=1000, update_every=4, ba
                        eval_every=5000, eval_episodes=20)
 
 
-def uniform_return(env_name: str, episodes: int = 20) -> float:
-    """The return of uniformly random actions on the trainer's evaluation episodes (the first group's,
-    as the trainer's eval_return_mean)."""
+def uniform_return(env_name: str, episodes: int = 100) -> float:
+    """The return of uniformly random actions on the trainer's final evaluation episodes (the first
+    group's, as the trainer's eval_return_mean in the last row of metrics.csv)."""
     env = vimarl.make_env(env_name, episodes)
-    returns = evaluate(UniformPolicy(env.groups), env, seed=EVAL_SEED_OFFSET)
+    returns = evaluate(UniformPolicy(env.groups), env, seed=FINAL_EVAL_SEED)
     return float(next(iter(returns.values())).mean())
 
 

@@ -21,7 +21,7 @@ from vimarl.envs.traffic import (
 )
 from vimarl.envs.traffic.network import STANDARD_PHASES
 from vimarl.errors import VimarlError
-from vimarl.train import EVAL_SEED_OFFSET, evaluate, load_trained
+from vimarl.train import eval_seed, evaluate, load_trained
 
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data"
@@ -401,10 +401,11 @@ def test_vpp_beats_fixed_time_on_the_3x3_grid(tmp_path, report):
     env_config = {"episode_length": 30}
     out = vimarl.train("vpp", "traffic_grid_3x3", out=str(tmp_path / "run"), total_steps=4800, num_envs=8, seed=0,
                        warmup_steps=400, update_every=4, gradient_steps=1, batch_size=64, buffer_size=20000,
-                       eval_every=4800, eval_episodes=8, progress=False, tensorboard=False, env_config=env_config,
+                       eval_every=4800, eval_episodes=8, final_eval_episodes=0, progress=False, tensorboard=False,
+                       env_config=env_config,
                        algo_config={"lr": 0.003, "hidden_dim": 64, "alpha": 0.05})
     _, algo, _ = load_trained(out)
-    seed = EVAL_SEED_OFFSET  # the trainer's evaluation seed for seed 0
+    seed = eval_seed(0)  # the trainer's first evaluation episodes
     env = make_env("traffic_grid_3x3", 8, seed, **env_config)
     results = {}
     for name, policy in (("vpp", algo), ("fixed-time", FixedTimePolicy(env.groups)),

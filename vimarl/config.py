@@ -64,12 +64,19 @@ class TrainConfig:
     """Replay capacity in transitions (one transition = one step of one sub-environment); on-policy
     algorithms store one rollout of rollout_length x num_envs instead."""
     eval_every: int = 1000
-    """Environment steps between deterministic evaluations."""
+    """Environment steps between evaluations (each one plays the deterministic and the sampled policy)."""
     eval_episodes: int = 10
-    """Episodes per evaluation, run in parallel on separately seeded environments."""
+    """Episodes per periodic evaluation, run in parallel. Their initial states come from a held-out
+    stream: evaluation k of every run (any seed, any algorithm) plays the same fresh episodes,
+    never those of an earlier evaluation or of training (DESIGN §9.3)."""
+    final_eval_episodes: int = 100
+    """Episodes of the final evaluation at the end of the run (at least eval_episodes), from a stream of
+    their own (DESIGN §9.3: at least 100 for the score a comparison uses); 0 makes the last periodic
+    evaluation the final one."""
     eval_deterministic: bool = True
-    """Evaluate the most probable actions; false samples them (for games where agents with
-    identical inputs agree trivially under argmax, such as grid_coordination)."""
+    """Report the most probable actions as eval_return_mean; false reports the sampled ones there (for
+    games where agents with identical inputs agree trivially under argmax, such as grid_coordination).
+    Both are logged either way (eval_deterministic_return_mean, eval_sampled_return_mean)."""
     checkpoint_every: int = 0
     """Environment steps between checkpoints; 0 writes one at the end only."""
     keep_checkpoints: int = 2

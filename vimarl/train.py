@@ -2,8 +2,16 @@
 
 Steps are environment steps summed over the B sub-environments (one vectorised step = B env
 steps); agent-steps multiply that by the number of agents. Updates happen every `update_every`
-env steps, so the update-to-data ratio does not depend on B. Evaluation is deterministic, on
-separately seeded environments reset to the same seed every time, one episode per sub-environment.
+env steps, so the update-to-data ratio does not depend on B.
+
+Evaluation (DESIGN §9.3) runs one episode per sub-environment of a separate environment, playing
+both the deterministic and the sampled policy. Its initial states come from a held-out stream:
+evaluation k (at env step k * eval_every) resets with `eval_seed(k)`, which depends neither on the
+run's seed nor on the algorithm, so every arm and seed of a comparison meets the same fresh
+episodes at the same index and no evaluation replays another's or training's. The run ends with a
+final evaluation of `final_eval_episodes` episodes from a stream of its own (FINAL_EVAL_SEED).
+Returns are logged per group (`eval_return/<group>`, `train_return/<group>`); `eval_return_mean`
+and `train_return_mean` are the first learned group's, the team a comparison tests.
 """
 
 from __future__ import annotations
@@ -32,10 +40,22 @@ from vimarl.errors import TrainingInterrupted, VimarlError
 from vimarl.logging import MetricsLog
 
 EVAL_SEED_OFFSET = 1_000_003
-"""Evaluation environments use seed + this, so they never replay training episodes."""
+"""Seed of the first evaluation's episodes; far above any training seed, so evaluations never
+replay training episodes."""
+EVAL_SEED_STRIDE = 10_007
+"""Seed distance between consecutive evaluations: more than any number of sub-environments, so that
+environments that seed sub-environment b with seed + b (external simulators) do not share episodes
+between evaluations either."""
+FINAL_EVAL_SEED = 2_000_000_011
+"""Seed of the final evaluation's episodes (below 2**31 for external simulators' seeds)."""
 RESUMABLE_CHANGES = {"total_steps", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
-                     "eval_every", "torch_threads", "reuse_freed_memory", "device"}
+                     "eval_every", "final_eval_episodes", "torch_threads", "reuse_freed_memory", "device"}
 """Trainer fields that may change on --resume without breaking exact continuation."""
+
+
+def eval_seed(index: int) -> int:
+    """Seed of evaluation `index` (0 at env step 0): the same for every run, seed and algorithm."""
+    return EVAL_SEED_OFFSET + EVAL_SEED_STRIDE * index
 
 
 def configure_process(config: TrainConfig) -> None:
@@ -117,14 +137,14 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
                 seed: int = 0) -> tuple[TransitionCodec, ReplayBuffer]:
     """A replay buffer filled by `steps` vectorised steps of `algo` exploring in `env` (for
     tests, benchmarks and offline experiments; the Trainer collects the same way)."""
-    codec = TransitionCodec(algo.groups, env.state_dim)
+    codec = TransitionCodec(algo.groups, env.state_dim, algo.replay_fields())
     buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed)
     step = env.reset(seed=seed)
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
         algo.observe(step, actions, next_step)
-        buffer.add(codec.encode(step, actions, next_step))
+        buffer.add(codec.encode(step, actions, next_step, algo.replay_values(actions)))
         step = next_step
     return codec, buffer
 
@@ -142,10 +162,9 @@ class Trainer:
             raise VimarlError(f"device={device} but this torch build sees no GPU; use device=cpu or "
                               f"install a CUDA build (make run TORCH=...)")
         self.env = make_env(run.env, self.config.num_envs, self.config.seed, device, config=run.env_config)
-        self.eval_env = make_env(run.env, self.config.eval_episodes, self.config.seed + EVAL_SEED_OFFSET,
-                                 device, config=run.env_config)
+        self.eval_env = make_env(run.env, self.config.eval_episodes, eval_seed(0), device, config=run.env_config)
         self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
-        self.codec = TransitionCodec(self.algo.groups, self.env.state_dim)
+        self.codec = TransitionCodec(self.algo.groups, self.env.state_dim, self.algo.replay_fields())
         rollout = self.algo.rollout_length  # on-policy: the buffer holds exactly one rollout
         capacity = rollout * self.config.num_envs if rollout else self.config.buffer_size
         self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed)
@@ -154,11 +173,12 @@ class Trainer:
         self.env_steps = self.updates = 0
         self.wall_s = 0.0
         self.step = self.env.reset(seed=self.config.seed)
-        self.episode_returns = torch.zeros(self.config.num_envs, device=device)
+        self.episode_returns = torch.zeros(len(self.algo.groups), self.config.num_envs, device=device)
         self.finished_returns: list[Tensor] = []
         self.metric_sums: dict[str, Tensor] = {}
         self.metric_count = 0
         self.last_eval: tuple[float, float] | None = None
+        self.final_eval_env: BatchedEnv | None = None
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -182,7 +202,8 @@ class Trainer:
                 self._learn(before)
                 self.wall_s = time.perf_counter() - started
                 if _crossed(before, self.env_steps, config.eval_every) or self.env_steps >= config.total_steps:
-                    last_row = self._evaluate_and_log(log, progress, started, last_row)
+                    final = self.env_steps >= config.total_steps and config.final_eval_episodes > 0
+                    last_row = self._evaluate_and_log(log, progress, started, last_row, final)
                 if config.checkpoint_every and _crossed(before, self.env_steps, config.checkpoint_every):
                     self.save_checkpoint()
                 progress.update(self.env_steps - before)
@@ -209,11 +230,10 @@ class Trainer:
             actions = act(self.algo, self.step, explore=True)
         next_step = self.env.step(actions)
         self.algo.observe(self.step, actions, next_step)
-        self.buffer.add(self.codec.encode(self.step, actions, next_step))
-        team_reward = sum(next_step.groups[g].reward.sum(-1) for g in self.algo.groups)
-        self.episode_returns += team_reward
-        if bool(next_step.done.any()):
-            self.finished_returns.append(self.episode_returns[next_step.done])
+        self.buffer.add(self.codec.encode(self.step, actions, next_step, self.algo.replay_values(actions)))
+        self.episode_returns += torch.stack([next_step.groups[g].reward.sum(-1) for g in self.algo.groups])
+        if bool(next_step.done.any()):  # [groups, finished episodes]
+            self.finished_returns.append(self.episode_returns[:, next_step.done])
             self.episode_returns = self.episode_returns.masked_fill(next_step.done, 0.0)
         self.step = next_step
         self.env_steps += self.env.num_envs
@@ -240,10 +260,24 @@ class Trainer:
         self.metric_count += 1
         self.updates += 1
 
-    def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float]):
+    def _evaluation_env(self, final: bool) -> tuple[BatchedEnv, int]:
+        """(environment, seed) of the next evaluation: the periodic one at index env_steps // eval_every,
+        or the final one (built once, with final_eval_episodes sub-environments)."""
+        if not final:
+            return self.eval_env, eval_seed(self.env_steps // self.config.eval_every)
+        if self.final_eval_env is None:
+            episodes = max(self.config.final_eval_episodes, self.config.eval_episodes)
+            self.final_eval_env = make_env(self.run.env, episodes, FINAL_EVAL_SEED, self.env.device,
+                                           config=self.run.env_config)
+        return self.final_eval_env, FINAL_EVAL_SEED
+
+    def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float],
+                          final: bool = False):
+        env, seed = self._evaluation_env(final)
         env_metrics: dict[str, Tensor] = {}
-        returns = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
-                           self.config.eval_deterministic, metrics=env_metrics)
+        policies = {"deterministic": evaluate(self.algo, env, seed, True, metrics=env_metrics),
+                    "sampled": evaluate(self.algo, env, seed, False)}
+        returns = policies["deterministic" if self.config.eval_deterministic else "sampled"]
         main = next(iter(returns.values())).cpu().double()
         self.wall_s = time.perf_counter() - started
         steps_since, seconds_since = self.env_steps - last_row[0], self.wall_s - last_row[1]
@@ -251,17 +285,19 @@ class Trainer:
             "env_steps": self.env_steps, "agent_steps": self.env_steps * self.env.n_agents,
             "updates": self.updates, "wall_s": round(self.wall_s, 3),
             "env_steps_per_s": round(steps_since / seconds_since, 1) if steps_since else math.nan,
+            "eval_episodes": env.num_envs, "final_eval": int(final),
             "eval_return_mean": main.mean().item(), "eval_return_std": main.std(unbiased=False).item(),
         }
-        if len(returns) > 1:
-            row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
+        row.update({f"eval_{name}_return_mean": next(iter(r.values())).mean().item() for name, r in policies.items()})
+        row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
         row.update({f"eval_{k}": v.double().mean().item() for k, v in env_metrics.items()})
         for label, mode in self.algo.evaluation_modes().items():
-            other = evaluate(self.algo, self.eval_env, self.config.seed + EVAL_SEED_OFFSET,
-                             self.config.eval_deterministic, mode=mode)
+            other = evaluate(self.algo, env, seed, self.config.eval_deterministic, mode=mode)
             row[f"eval_return_mean/{label}"] = next(iter(other.values())).mean().item()
-        finished = torch.cat(self.finished_returns) if self.finished_returns else None
-        row["train_return_mean"] = finished.mean().item() if finished is not None else math.nan
+        finished = torch.cat(self.finished_returns, dim=1) if self.finished_returns else None
+        for index, g in enumerate(self.algo.groups):
+            row[f"train_return/{g}"] = finished[index].mean().item() if finished is not None else math.nan
+        row["train_return_mean"] = row[f"train_return/{next(iter(self.algo.groups))}"]
         row.update({k: (v / self.metric_count).item() for k, v in self.metric_sums.items()})
         self.finished_returns, self.metric_sums, self.metric_count = [], {}, 0
         log.append(row)
@@ -279,7 +315,8 @@ class Trainer:
             "env_steps": self.env_steps, "agent_steps": self.env_steps * self.env.n_agents,
             "updates": self.updates, "wall_s": round(self.wall_s, 3),
             "env_steps_per_s": round(self.env_steps / self.wall_s, 1) if self.wall_s else math.nan,
-            "eval_return_mean": mean, "eval_return_std": std, "eval_episodes": self.config.eval_episodes,
+            "eval_return_mean": mean, "eval_return_std": std,
+            "eval_episodes": max(self.config.final_eval_episodes, self.config.eval_episodes),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -313,7 +350,10 @@ class Trainer:
         self.buffer.load_state_dict(content["buffer"])
         counters = content["counters"]
         self.env_steps, self.updates, self.wall_s = counters["env_steps"], counters["updates"], counters["wall_s"]
-        self.episode_returns = content["episode_returns"].to(device)
+        returns = content["episode_returns"].to(device)
+        if returns.dim() == 1:  # checkpoints before per-group returns kept the sum over groups
+            returns = torch.cat([returns[None], returns.new_zeros(len(self.algo.groups) - 1, returns.numel())])
+        self.episode_returns = returns
         rng = content["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
