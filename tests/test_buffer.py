@@ -215,6 +215,29 @@ def test_codec_round_trip_with_the_grid_game():
     assert batch.action_mask == {"agents": None} and batch.next_action_mask == {"agents": None}
 
 
+def test_extra_fields_are_stored_decoded_flattened_and_saved():
+    """An algorithm's extra per-group fields (Algorithm.replay_fields) ride along, checkpoints included."""
+    env = make_env("grid_coordination", num_envs=4, agent_ids=True)
+    codec = TransitionCodec(env.groups, env.state_dim, {"critic_action": {"agents": ((9, 2), torch.float32)}})
+    assert codec.fields()["agents/extra/critic_action"] == ((9, 2), torch.float32)
+    buffer = ReplayBuffer(16, codec.fields(), seed=0)
+    step = env.reset(seed=0)
+    actions = {"agents": torch.ones(4, 9, dtype=torch.int64)}
+    soft = torch.softmax(torch.randn(4, 9, 2), -1)
+    buffer.add(codec.encode(step, actions, env.step(actions), {"critic_action": {"agents": soft}}))
+    batch = codec.decode(buffer.ordered())
+    assert torch.equal(batch.extra["critic_action"]["agents"], soft)
+    saved = io.BytesIO()
+    torch.save(buffer.state_dict(), saved)
+    saved.seek(0)
+    restored = ReplayBuffer(16, codec.fields(), seed=0)
+    restored.load_state_dict(torch.load(saved))
+    assert torch.equal(codec.decode(restored.ordered()).extra["critic_action"]["agents"], soft)
+    windows = codec.decode(restored.sample_sequences(2, 1, streams=4))
+    assert windows.flatten().extra["critic_action"]["agents"].shape == (2, 9, 2)
+    assert TransitionCodec(env.groups, env.state_dim).decode(buffer.ordered()).extra == {}
+
+
 def test_codec_next_obs_is_the_pre_reset_final_step():
     env = CounterEnv(num_envs=3)
     codec = TransitionCodec(env.groups, env.state_dim)

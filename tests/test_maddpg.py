@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import vimarl
+from vimarl import checkpoint
 from vimarl.algos.maddpg import clip_per_variable, critic_input, relaxed_sample, slot_index
 from vimarl.envs.base import Box, Discrete
-from vimarl.nn.centralized import BatchedLinear
-from vimarl.train import fill_replay
+from vimarl.nn.centralized import CRITIC_ACTION, BatchedLinear
+from vimarl.train import act, fill_replay
 
 
 G = "agents"
@@ -50,18 +51,76 @@ def test_q_target_by_hand():
     assert torch.equal(y[:4], batch.reward[G][:4])  # terminal rows do not bootstrap
 
 
-def test_q_loss_uses_replayed_one_hot_actions():
-    algo, batch = spread_batch()
+@pytest.mark.parametrize("replay_action", ["soft", "one_hot"])
+def test_q_loss_uses_the_replayed_critic_inputs(replay_action):
+    """"soft": the stored relaxed samples (argmax: the env action); "one_hot": the previous loss exactly."""
+    algo, batch = spread_batch(replay_action=replay_action)
     torch.manual_seed(2)
     loss = algo.q_loss(batch)
     torch.manual_seed(2)
     y = algo.q_target(batch)
     with torch.no_grad():
         one_hot = torch.nn.functional.one_hot(batch.action[G], 5).float()
-        x = torch.cat([batch.obs[G].flatten(1), one_hot.flatten(1)], dim=-1)
+        if replay_action == "soft":
+            replayed = batch.extra[CRITIC_ACTION][G]
+            assert torch.equal(replayed.argmax(-1), batch.action[G]) and not torch.equal(replayed, one_hot)
+            assert torch.allclose(replayed.sum(-1), torch.ones(()))
+        else:
+            assert batch.extra == {} and algo.replay_fields() == {}
+            replayed = one_hot
+        x = torch.cat([batch.obs[G].flatten(1), replayed.flatten(1)], dim=-1)
         for i in range(3):
             q = per_agent_mlp(algo.critics.q[0], i, x).squeeze(-1)
             assert torch.allclose(loss[i], (q - y[:, i]).square().mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["maddpg", "maddpg_s"])
+def test_the_stored_vector_is_the_relaxed_sample_acted_with(name):
+    env = vimarl.make_env("spread", 3)
+    algo = vimarl.make_algo(name, env)
+    step = env.reset(seed=0)
+    torch.manual_seed(4)
+    actions = act(algo, step, explore=True)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        _, soft = relaxed_sample(algo.policy[G](step.groups[G].obs), algo.groups[G].action_space)
+    stored = algo.replay_values(actions)[CRITIC_ACTION][G]
+    assert torch.equal(stored, soft) and torch.equal(stored.argmax(-1), actions[G])
+    # Actions act did not give (warm-up, another policy's) and deterministic acting store one-hots.
+    chosen = {G: actions[G].clone()}
+    assert torch.equal(algo.replay_values(chosen)[CRITIC_ACTION][G], torch.nn.functional.one_hot(chosen[G], 5).float())
+    greedy = act(algo, step, explore=False)
+    assert torch.equal(algo.replay_values(greedy)[CRITIC_ACTION][G], torch.nn.functional.one_hot(greedy[G], 5).float())
+
+
+def test_actor_loss_sees_the_replayed_soft_vectors_of_the_other_agents():
+    algo, batch = spread_batch()
+    torch.manual_seed(3)
+    q, _ = algo.policy_terms(batch)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        _, fresh = relaxed_sample(algo.policy[G](batch.obs[G]), algo.groups[G].action_space)
+        replayed = batch.extra[CRITIC_ACTION][G]
+        for i in range(3):
+            actions = replayed.clone()
+            actions[:, i] = fresh[:, i]
+            x = torch.cat([batch.obs[G].flatten(1), actions.flatten(1)], dim=-1)
+            assert torch.allclose(q[i], per_agent_mlp(algo.critics.q[0], i, x).mean(), atol=1e-6)
+
+
+def test_warm_up_rows_store_one_hots_and_the_buffer_resumes(tmp_path):
+    run = vimarl.train("maddpg", "spread", total_steps=64, warmup_steps=32, eval_every=64, eval_episodes=2,
+                       batch_size=8, num_envs=1, save_buffer=True, progress=False, tensorboard=False,
+                       out=str(tmp_path / "run"))
+    data = checkpoint.load(checkpoint.latest(run))["buffer"]["data"]
+    soft, action = data[f"{G}/extra/{CRITIC_ACTION}"], data[f"{G}/action"]
+    warm_up = slice(0, 32)  # one sub-environment: a row per env step
+    assert torch.equal(soft[warm_up], torch.nn.functional.one_hot(action[warm_up], 5).float())
+    acted = soft[32:]
+    assert torch.equal(acted.argmax(-1), action[32:]) and bool((acted.amax(-1) < 1).all())
+    vimarl.train(resume=run, total_steps=96)
+    resumed = checkpoint.load(checkpoint.latest(run))["buffer"]["data"]
+    assert torch.equal(resumed[f"{G}/extra/{CRITIC_ACTION}"][:64], soft)
 
 
 def test_shuffle_permutes_obs_and_actions_consistently():

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import vimarl
+from vimarl.algos.maddpg import relaxed_sample
 from vimarl.algos.pic import GraphCritic, GraphLayer
+from vimarl.nn.centralized import CRITIC_ACTION
 from vimarl.train import fill_replay
 
 
@@ -80,11 +82,40 @@ def test_q_target_by_hand(next_actions):
         expected = batch.reward[G].mean(-1) + 0.9 * (1 - batch.terminated) * next_q
     assert y.shape == (8,) and torch.allclose(y, expected, atol=1e-6)
     assert torch.allclose(y[:4], batch.reward[G][:4].mean(-1))  # terminal rows do not bootstrap
+
+
+@pytest.mark.parametrize("replay_action", ["soft", "one_hot"])
+def test_q_loss_uses_the_replayed_critic_inputs(replay_action):
+    """"soft": the stored relaxed samples; "one_hot": the previous loss exactly."""
+    algo, batch = spread_batch(replay_action=replay_action)
+    expected = algo.q_target(batch)
     loss = algo.q_loss(batch)
     one_hot = torch.nn.functional.one_hot(batch.action[G], 5).float()
+    if replay_action == "soft":
+        replayed = batch.extra[CRITIC_ACTION][G]
+        assert torch.equal(replayed.argmax(-1), batch.action[G]) and not torch.equal(replayed, one_hot)
+    else:
+        assert batch.extra == {}
+        replayed = one_hot
     with torch.no_grad():
-        q = algo.critics.q(batch.obs[G], one_hot)
+        q = algo.critics.q(batch.obs[G], replayed)
     assert torch.allclose(loss, (q - expected).square().mean(), atol=1e-6)
+
+
+def test_the_stored_vector_is_the_relaxed_sample_acted_with():
+    env = vimarl.make_env("spread", 3)
+    algo = vimarl.make_algo("pic", env)
+    step = env.reset(seed=0)
+    obs = {G: step.groups[G].obs}
+    torch.manual_seed(4)
+    actions = algo.act(obs, {G: None}, explore=True)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        _, soft = relaxed_sample(algo.policy[G](obs[G]), algo.groups[G].action_space)
+    stored = algo.replay_values(actions)[CRITIC_ACTION][G]
+    assert torch.equal(stored, soft) and torch.equal(stored.argmax(-1), actions[G])
+    greedy = algo.act(obs, {G: None}, explore=False)  # deterministic acting stores one-hots
+    assert torch.equal(algo.replay_values(greedy)[CRITIC_ACTION][G], torch.nn.functional.one_hot(greedy[G], 5).float())
 
 
 def test_actor_loss_and_update_order_by_hand():

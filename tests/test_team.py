@@ -1,6 +1,7 @@
 """Mixed teams: an algorithm or a frozen trained policy per group (vimarl/algos/team.py)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import vimarl
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
+from vimarl.nn.centralized import CRITIC_ACTION
 from vimarl.train import act, fill_replay, load_trained
 
 QUICK = dict(total_steps=200, warmup_steps=100, update_every=25, batch_size=16, eval_every=200,
@@ -112,3 +114,63 @@ def test_masac_cooperators_against_a_maddpg_adversary_smoke():
     changed = changed_keys(before, team.state_dict())
     assert any(k.startswith("learners.masac.policy.") for k in changed)
     assert any(k.startswith("learners.maddpg.policy.") for k in changed)
+
+
+ARMS = [{"predators": "masac", "prey": "maddpg"}, {"predators": "maddpg", "prey": "maddpg"}]
+
+
+@pytest.mark.parametrize("env_name, arms", [
+    ("tag", ARMS),
+    ("adversary", [{"agents": "masac", "adversary": "maddpg"}, {"agents": "maddpg", "adversary": "maddpg"}]),
+])
+def test_every_team_critic_reads_every_agent(env_name, arms):
+    """003's Q_i(s, a) over all agents: both arms' critics have the same, full input width."""
+    env = vimarl.make_env(env_name, 2)
+    every_agent = sum(s.n_agents * (s.obs_dim + s.action_space.n) for s in env.groups.values())
+    for members in arms:
+        team = vimarl.make_algo("team", env, members=members)
+        widths = team.critic_input_dims()
+        assert set(widths) == set(members.values()) and set(widths.values()) == {every_agent}, members
+
+
+class FixedPolicy(torch.nn.Module):
+    """A hand-made target actor: logits that put all the mass on action 2."""
+
+    def forward(self, obs):
+        return torch.full((*obs.shape[:-1], 5), -1e4).index_fill(-1, torch.tensor([2]), 1e4)
+
+
+def test_the_look_ahead_uses_the_other_members_target_policy():
+    env, team = tag_team(members=ARMS[0])
+    codec, buffer = fill_replay(env, team, 10, capacity=200)
+    batch = codec.decode(buffer.sample(8))
+    masac, maddpg = team.learners["masac"], team.learners["maddpg"]
+    maddpg.target_policy["prey"] = FixedPolicy()
+    seen = []
+    masac.critics.target_q[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    masac.q_target(batch)
+    prey_action = seen[0][..., -5:]  # the last agent's action block: the prey's, groups in env order
+    assert torch.allclose(prey_action, torch.nn.functional.one_hot(torch.tensor(2), 5).float().expand_as(prey_action))
+    assert seen[0].shape == (8, 3, masac.critic_input_dim)  # a row per predator, every agent in the input
+    # MADDPG's critic reads the predators' replayed actions in L_Q: as stored (one-hots for MA-SAC).
+    assert "predators" not in batch.extra.get(CRITIC_ACTION, {}) and "prey" in batch.extra[CRITIC_ACTION]
+
+
+def test_team_stores_its_maddpg_members_soft_samples():
+    env, team = tag_team(members=ARMS[0])
+    step = env.reset(seed=0)
+    actions = act(team, step, explore=True)
+    stored = team.replay_values(actions)[CRITIC_ACTION]
+    assert set(stored) == {"prey"} and torch.equal(stored["prey"].argmax(-1), actions["prey"])
+    assert torch.equal(stored["prey"], team.learners["maddpg"].acted_samples["prey"][1])
+
+
+def test_masac_against_maddpg_on_tag_learns_and_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    run = vimarl.train("team", "tag", total_steps=600, warmup_steps=200, batch_size=32, save_buffer=True,
+                       algo_config={"members": ARMS[0]}, out=out, progress=False, tensorboard=False)
+    rows = read_metrics(run / "metrics.csv")
+    for metric in ("masac/loss_q", "maddpg/loss_q"):
+        assert any(math.isfinite(row.get(metric, math.nan)) for row in rows), metric
+    vimarl.train(resume=run, total_steps=800)
+    assert max(float(row["env_steps"]) for row in read_metrics(run / "metrics.csv")) >= 800

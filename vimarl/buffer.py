@@ -3,6 +3,9 @@
 The buffer itself is a table of named fields (`ReplayBuffer`); `TransitionCodec` maps a
 (TimeStep, actions, next TimeStep) triple of any set of agent groups to rows of that table and
 back to a `Transition`, graphs included, so algorithms see the structure they were written for.
+An algorithm may declare extra per-group fields (`Algorithm.replay_fields`, e.g. MADDPG's relaxed
+action samples, the critic inputs it acted with); the codec stores the values it hands for each
+step (`Algorithm.replay_values`) and `Transition.extra` gives them back.
 """
 
 from __future__ import annotations
@@ -158,6 +161,8 @@ class Transition:
     valid: Tensor | None = None
     """[T, W] bool for a batch of windows (ReplayBuffer.sample_sequences), where every tensor is
     [T, W, ...]: the step holds a stored transition. None for batches of single transitions."""
+    extra: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """The algorithm's extra replay fields (`Algorithm.replay_fields`), {field: {group: tensor}}."""
 
     def flatten(self) -> "Transition":
         """A batch of windows [T, W, ...] as T * W transitions, time-major (step t of window w is row t * W + w)."""
@@ -185,12 +190,21 @@ class Transition:
                           for g in groups], dim=1)
 
 
-class TransitionCodec:
-    """Flattens transitions of the given groups into buffer rows and back."""
+ExtraFields = dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]
+"""Extra replay fields an algorithm declares: {field: {group: (per-row shape, dtype)}}."""
 
-    def __init__(self, groups: dict[str, GroupSpec], state_dim: int):
+
+class TransitionCodec:
+    """Flattens transitions of the given groups into buffer rows and back.
+
+    `extra` declares fields beyond the transition itself (see `ExtraFields`); `encode` then needs
+    their values for every step, stored as rows "<group>/extra/<field>".
+    """
+
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, extra: ExtraFields | None = None):
         self.groups = groups
         self.state_dim = state_dim
+        self.extra = extra or {}
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"terminated": ((), torch.bool),
@@ -214,12 +228,19 @@ class TransitionCodec:
                     fields[f"{name}/{prefix}action_mask"] = ((n, spec.action_space.n), torch.bool)
                 if spec.can_leave:
                     fields[f"{name}/{prefix}alive"] = ((n,), torch.bool)
+        for key, by_group in self.extra.items():
+            for name, (shape, dtype) in by_group.items():
+                fields[f"{name}/extra/{key}"] = (shape, dtype)
         return fields
 
-    def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep) -> dict[str, Tensor]:
-        """Rows for one env step of B sub-environments; s' is the pre-reset final step."""
+    def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep,
+               extra: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+        """Rows for one env step of B sub-environments; s' is the pre-reset final step. `extra`
+        holds the values of the declared extra fields, {field: {group: [B, ...]}}."""
+        rows = {f"{name}/extra/{key}": (extra or {})[key][name]
+                for key, by_group in self.extra.items() for name in by_group}
         final = next_step.final_view()
-        rows: dict[str, Tensor] = {"terminated": next_step.terminated, "truncated": next_step.truncated}
+        rows.update(terminated=next_step.terminated, truncated=next_step.truncated)
         if self.state_dim:
             rows["state"], rows["next_state"] = step.state, final.state
         for name, spec in self.groups.items():
@@ -255,4 +276,6 @@ class TransitionCodec:
             terminated=rows["terminated"].float(),
             alive=per_group("alive"), next_alive=per_group("next_alive"), truncated=rows["truncated"].float(),
             valid=rows.get("valid"),
+            extra={key: {name: rows[f"{name}/extra/{key}"] for name in by_group}
+                   for key, by_group in self.extra.items()},
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vimarl.buffer import Transition
+from vimarl.buffer import ExtraFields, Transition
 from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError, unknown
+from vimarl.nn.distributions import action_features
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,29 @@ class Capabilities:
     """Needs each group's agent graph."""
     heterogeneous: bool = False
     """Can control several learned groups at once."""
+    team_critic: bool = False
+    """Its centralised critics can also read the groups other team members control (`TeamView`)."""
 
     def describe(self) -> str:
         actions = "/".join(k for k in ("discrete", "continuous") if getattr(self, k))
         extra = [k for k in ("needs_state", "needs_graph", "heterogeneous") if getattr(self, k)]
         return ", ".join([actions, *extra])
+
+
+@dataclass(frozen=True)
+class TeamView:
+    """What a team member's centralised critics read beyond its own groups (see algos/team.py).
+
+    Paper 003 defines Q_i(s, a) over all agents, as MADDPG does, so in a mixed team every member's
+    critic sees every group, opponents included, and the members' critics have one layout.
+    """
+
+    groups: dict[str, GroupSpec]
+    """Every group the critics read, the member's own included, in the environment's order."""
+    others_actions: Callable[[Transition, bool], dict[str, Tensor]]
+    """(batch, lookahead) -> the other members' groups' actions as critic inputs, detached: at s'
+    from each member's look-ahead policy when `lookahead`, else at s from their current policies
+    (`Algorithm.critic_actions`)."""
 
 
 class Algorithm(nn.Module, ABC):
@@ -98,6 +117,31 @@ class Algorithm(nn.Module, ABC):
 
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
         """Every collected vectorised step, as it is stored (e.g. MAAC's reward statistics)."""
+
+    def replay_fields(self) -> ExtraFields:
+        """Extra per-group fields the replay should store for this algorithm, {field: {group:
+        (per-row shape, dtype)}}, read back as `Transition.extra` (e.g. MADDPG's relaxed action
+        samples); none by default."""
+        return {}
+
+    def replay_values(self, actions: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """Values of `replay_fields` for the step just taken with `actions`, {field: {group: [B,
+        ...]}}: the trainer calls it for every collected step, whether the actions came from
+        `act` or were chosen by the trainer (warm-up)."""
+        return {}
+
+    @torch.no_grad()
+    def critic_actions(self, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """This algorithm's actions for its groups as another team member's centralised critic
+        reads them (`TeamView`): at s' for a target look-ahead (`lookahead`), else at s, as an
+        actor loss that samples the others' current policies does (MA-SAC Eq. 9). By default an
+        exploring `act` on the batch, as action features; centralised-critic algorithms give what
+        their own critics use for their agents (e.g. samples of the target policies)."""
+        prefix = "next_" if lookahead else ""
+        obs, graph, mask = (getattr(batch, f"{prefix}{key}") for key in ("obs", "graph", "action_mask"))
+        actions = self.act({g: obs[g] for g in self.groups}, {g: graph[g] for g in self.groups}, explore=True,
+                           action_mask={g: mask[g] for g in self.groups}, state=getattr(batch, f"{prefix}state"))
+        return {g: action_features(actions[g], spec.action_space) for g, spec in self.groups.items()}
 
     def evaluation_modes(self) -> dict[str, str]:
         """Other ways to execute the trained policies that evaluation reports too, as

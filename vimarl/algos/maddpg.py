@@ -22,12 +22,16 @@ polyak 1 - 1e-2). Networks are MLPs 64 -> 64 ReLU -> linear (`experiments/train.
 Actions (ALGO_SPECS §5.4, §6.1):
 - Discrete: the reference hands the soft Gumbel-softmax vector to MPE as a force and stores it in
   replay. vimarl's discrete environments take an index, so the environment gets the argmax of that
-  same relaxed sample (an exact categorical sample of softmax(mu_i), the Gumbel-max trick) and the
-  buffer stores the index, seen by the critics as a one-hot. Sampled actions a~ (target look-ahead,
-  actor loss) enter the critics as the soft vector itself, as in the reference (`critic_action`
-  "soft"); "straight_through" feeds the one-hot of the argmax with the soft gradient instead, so
-  that sampled and replayed critic inputs are alike. Action masks set masked logits to the dtype's
-  minimum before sampling (the reference has none).
+  same relaxed sample (an exact categorical sample of softmax(mu_i), the Gumbel-max trick). The
+  buffer stores the index and, by default, the soft vector itself (`replay_action` "soft", the
+  reference's replay; `SoftActionReplay`): the critics see replayed actions a, in L_Q and for the
+  other agents in L_mu, as the soft vectors the actors acted with, so that they are queried at the
+  kind of input they learn on. Warm-up steps (uniform actions chosen by the trainer) and
+  deterministic acting store one-hots; "one_hot" replays one-hots of the indices throughout.
+  Sampled actions a~ (target look-ahead, actor loss) enter the critics as the soft vector itself,
+  as in the reference (`critic_action` "soft"); "straight_through" feeds the one-hot of the argmax
+  with the soft gradient instead, so that sampled and one-hot replayed critic inputs are alike.
+  Action masks set masked logits to the dtype's minimum before sampling (the reference has none).
 - Box: the reference's DiagGaussianPd, a = mean + exp(log std) * eps, unsquashed, with the
   regulariser on (mean, log std). vimarl clips the sample to [low, high] for the environment and
   the buffer; the critic input is the clipped value with the unclipped sample's gradient
@@ -35,6 +39,11 @@ Actions (ALGO_SPECS §5.4, §6.1):
   (the reference leaves it free, only the regulariser bounds it).
 - Exploration is the sample above; deterministic evaluation plays argmax mu_i(o_i) (Discrete) or
   the clipped mean (Box).
+
+In a mixed team (algos/team.py, `TeamView`) the critics of the member's agents read every group of
+the environment, opponents included (003's Q_i(s, a) over all agents, as MADDPG's own x): the
+other groups' replayed actions in L_Q and L_mu (their stored critic inputs), and in the look-ahead
+a~' the other members' actions from their own look-ahead policies (`Algorithm.critic_actions`).
 
 Differences from the reference, by design:
 - Actors are per group (their observation and action sizes differ), the critics one set over all
@@ -80,11 +89,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
-from vimarl.buffer import Transition
+from vimarl.algos.base import Algorithm, Capabilities, TeamView, adam, frozen, polyak, register
+from vimarl.buffer import ExtraFields, Transition
 from vimarl.envs.base import ActionSpace, Box, Discrete, GroupSpec
-from vimarl.nn.centralized import (ActionParams, BatchedLinear, CentralQ, joint_input, policies_with_targets,
-                                   td_target)
+from vimarl.nn.centralized import (CRITIC_ACTION, ActionParams, BatchedLinear, CentralQ, CriticLayout, joint_input,
+                                   policies_with_targets, replayed_critic_inputs, td_target)
 from vimarl.nn.distributions import Gaussian, PolicyHead, action_features
 
 
@@ -108,7 +117,11 @@ class MADDPGConfig:
     reading a one-hot agent id (for large N, ALGO_SPECS §6.4), or one network per agent (the reference)."""
     critic_action: Literal["soft", "straight_through"] = "soft"
     """Sampled discrete actions as critic inputs: the relaxed Gumbel-softmax vector (the reference),
-    or the one-hot of its argmax with the soft vector's gradient (matches the one-hot replay actions)."""
+    or the one-hot of its argmax with the soft vector's gradient (matches one-hot replay actions)."""
+    replay_action: Literal["soft", "one_hot"] = "soft"
+    """Replayed discrete actions as critic inputs: the relaxed Gumbel-softmax sample the actor acted
+    with, stored in the replay (openai/maddpg replays the soft vectors it hands MPE; one-hots for
+    warm-up and deterministic steps), or the one-hot of the stored index."""
 
 
 @dataclass
@@ -157,6 +170,34 @@ def deterministic_action(params: Tensor, action_space: ActionSpace, action_mask:
     return box_distribution(params, action_space).mode()
 
 
+class SoftActionReplay:
+    """Replay of the relaxed samples an algorithm acted with (`replay_action` "soft", openai/maddpg):
+    MADDPG's and PIC's critics then learn on the soft vectors they are queried at.
+
+    `act` keeps {group: (env action, soft sample)} of its last exploring call in `acted_samples`;
+    the replay stores the soft sample for actions that are those very tensors, and one-hots for any
+    others (the trainer's warm-up actions, deterministic acting). Box groups store nothing extra:
+    their replayed value is the critic input already.
+    """
+
+    acted_samples: dict[str, tuple[Tensor, Tensor]] = {}  # replaced, never mutated, by every act
+
+    def replay_fields(self) -> ExtraFields:
+        if self.config.replay_action != "soft":
+            return {}
+        return {CRITIC_ACTION: {g: ((spec.n_agents, spec.action_space.n), torch.float32)
+                                for g, spec in self.groups.items() if spec.discrete}}
+
+    def replay_values(self, actions: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        values = {}
+        for g in self.replay_fields().get(CRITIC_ACTION, {}):
+            acted, soft = self.acted_samples.get(g, (None, None))
+            # Identity, not equality: the soft vector belongs to the actions act returned, and
+            # trainer-chosen actions are new tensors even where they agree with its argmax.
+            values[g] = soft if acted is actions[g] else action_features(actions[g], self.groups[g].action_space)
+        return {CRITIC_ACTION: values} if values else {}
+
+
 def slot_index(segments: Sequence[tuple[int, int]], perms: Sequence[Tensor]) -> Tensor:
     """Column index that moves agent perm[k] of each segment into slot k: [D], or [B, D] for perms [B, N_g].
 
@@ -174,22 +215,22 @@ def slot_index(segments: Sequence[tuple[int, int]], perms: Sequence[Tensor]) -> 
 
 
 def critic_input(obs: Sequence[Tensor], actions: Sequence[Tensor], perms: Sequence[Tensor] | None = None,
-                 fresh: Sequence[Tensor] | None = None) -> Tensor:
+                 fresh: Sequence[Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
     """Rows x_i = (o, a) of every controlled agent's critic, [B, N, D] (`joint_input`), per group lists.
 
     With `fresh`, critic i sees agent i's action from `fresh` and the others' from `actions`
     (the actor loss). With `perms` (one [N_g] or [B, N_g] per group), the agents of every group
     trade slots, slot k taking agent perm_g[k]: the same permutation for the observations and
-    the actions, and row i stays agent i's critic.
+    the actions, and row i stays agent i's critic. `rows` keeps only those agents' critics (`CriticLayout`).
     """
-    rows = joint_input(obs, actions, own_actions=fresh)
+    inputs = joint_input(obs, actions, own_actions=fresh, rows=rows)
     if perms is None:
-        return rows
+        return inputs
     segments = [(o.shape[1], o.shape[2]) for o in obs] + [(a.shape[1], a.shape[2]) for a in actions]
     index = slot_index(segments, [*perms, *perms])
     if index.dim() == 1:
-        return rows.index_select(-1, index)
-    return rows.gather(-1, index.unsqueeze(1).expand_as(rows))
+        return inputs.index_select(-1, index)
+    return inputs.gather(-1, index.unsqueeze(1).expand_as(inputs))
 
 
 def clip_variables(module: nn.Module) -> Iterator[tuple[Tensor, bool]]:
@@ -218,30 +259,47 @@ def clip_per_variable(variables: list[tuple[Tensor, bool]], max_norm: float) -> 
 
 @register("maddpg", "MADDPG (openai/maddpg): deterministic actors with Gumbel-softmax relaxed actions, "
           "per-agent centralised critics over all observations and actions, target networks",
-          Capabilities(discrete=True, continuous=True, heterogeneous=True))
-class MADDPG(Algorithm):
+          Capabilities(discrete=True, continuous=True, heterogeneous=True, team_critic=True))
+class MADDPG(SoftActionReplay, Algorithm):
     Config = MADDPGConfig
 
-    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MADDPGConfig, device="cpu"):
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MADDPGConfig, device="cpu",
+                 team: TeamView | None = None):
         super().__init__(groups, state_dim, config, device)
         shared, hidden = config.parameter_sharing, config.hidden_dim
         self.policy, self.target_policy = policies_with_targets(groups, lambda s: ActionParams(s, hidden, shared))
-        self.critics = CentralQ(groups, (hidden, hidden), shared)  # Q_i of every controlled agent
+        self.layout = CriticLayout(groups, team)
+        # Q_i of every controlled agent, over the groups the layout reads
+        self.critics = CentralQ(groups, (hidden, hidden), shared, seen=self.layout.seen)
         self.to(self.device)
         self.optimizers = {"policy": adam(self.policy.parameters(), lr=config.lr),
                            "q": adam(self.critics.q.parameters(), lr=config.lr)}
         self.clip = {"policy": list(clip_variables(self.policy)), "q": list(clip_variables(self.critics.q))}
 
+    @property
+    def critic_input_dim(self) -> int:
+        """Width of every critic's input x: sum over the groups it reads of N_g (O_g + A_g)."""
+        return self.critics.input_dim
+
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
-        actions = {}
+        actions, acted = {}, {}
         for g, spec in self.groups.items():
             params, mask = self.policy[g](obs[g]), (action_mask or {}).get(g)
             if explore:
-                actions[g] = relaxed_sample(params, spec.action_space, mask)[0]
+                acted[g] = relaxed_sample(params, spec.action_space, mask)
+                actions[g] = acted[g][0]
             else:
                 actions[g] = deterministic_action(params, spec.action_space, mask)
+        self.acted_samples = acted
         return actions
+
+    @torch.no_grad()
+    def critic_actions(self, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """Relaxed samples of the target actors at s' (the look-ahead a~'), else of the current ones at s."""
+        policy, obs, masks = ((self.target_policy, batch.next_obs, batch.next_action_mask) if lookahead
+                              else (self.policy, batch.obs, batch.action_mask))
+        return dict(zip(self.groups, self._samples({g: policy[g](obs[g]) for g in self.groups}, masks)))
 
     def _reduce(self, per_agent: Tensor) -> Tensor:
         """Sum of the agents' losses (per-agent networks: each gets its own gradient), mean when shared."""
@@ -253,8 +311,9 @@ class MADDPG(Algorithm):
         return [relaxed_sample(params[g], spec.action_space, masks[g], straight)[1] for g, spec in self.groups.items()]
 
     def _replay(self, batch: Transition) -> list[Tensor]:
-        """The replayed actions as critic inputs (one-hot for Discrete), groups in order."""
-        return [action_features(batch.action[g], spec.action_space) for g, spec in self.groups.items()]
+        """The replayed actions as critic inputs of every group the critics read, in order: the
+        stored soft samples (replay_action "soft") or one-hots for Discrete."""
+        return replayed_critic_inputs(batch, self.layout.seen)
 
     def step(self, name: str, loss: Tensor) -> None:
         """Optimiser step with the reference's per-variable gradient clipping."""
@@ -285,23 +344,27 @@ class MADDPG(Algorithm):
     @torch.no_grad()
     def q_target(self, batch: Transition, perms: list[Tensor] | None = None) -> Tensor:
         """y_i = r_i + gamma (1 - d) Qbar_i(x', a~'), a~'_k sampled from the target actors: [B, N]."""
-        next_params = {g: self.target_policy[g](batch.next_obs[g]) for g in self.groups}
-        next_actions = self._samples(next_params, batch.next_action_mask)
-        next_obs = [batch.next_obs[g] for g in self.groups]
-        next_q, = self.critics.values(critic_input(next_obs, next_actions, perms), target=True)
+        layout = self.layout
+        next_actions = layout.ordered(self.critic_actions(batch, lookahead=True).values(),
+                                      layout.others_actions(batch, lookahead=True))
+        inputs = critic_input(layout.obs(batch, next_step=True), next_actions, perms, rows=layout.rows)
+        next_q, = self.critics.values(inputs, target=True)
         return td_target(batch, list(self.groups), self.config.gamma, next_q)
 
     def q_loss(self, batch: Transition, perms: list[Tensor] | None = None) -> Tensor:
         """L_Q_i on the replayed joint action, mean over the batch: [N]."""
         target = self.q_target(batch, perms)
-        q, = self.critics.values(critic_input([batch.obs[g] for g in self.groups], self._replay(batch), perms))
+        inputs = critic_input(self.layout.obs(batch), self._replay(batch), perms, rows=self.layout.rows)
+        q, = self.critics.values(inputs)
         return (q - target).square().mean(0)
 
     def policy_terms(self, batch: Transition, perms: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(E_D Q_i(x, a_1, .., a~_i, .., a_N), E_D mean mu_i(o_i)^2), each [N]; L_mu_i = -first + policy_reg * second."""
+        layout, replay = self.layout, self._replay(batch)
         params = {g: self.policy[g](batch.obs[g]) for g in self.groups}
-        fresh = self._samples(params, batch.action_mask)
-        inputs = critic_input([batch.obs[g] for g in self.groups], self._replay(batch), perms, fresh=fresh)
+        # Only agent i's own action is fresh in row i; the other groups' stay the replayed ones.
+        fresh = layout.ordered(self._samples(params, batch.action_mask), dict(zip(layout.seen, replay)))
+        inputs = critic_input(layout.obs(batch), replay, perms, fresh=fresh, rows=layout.rows)
         with frozen(self.critics):  # the actor step takes gradients to the actions only
             q, = self.critics.values(inputs)
         reg = torch.cat([p.square().mean(dim=(0, 2)) for p in params.values()])
@@ -310,14 +373,15 @@ class MADDPG(Algorithm):
 
 @register("maddpg_s", "MADDPG-S (001 App. B.1): MADDPG whose critics see the agents in a random order, "
           "a fresh permutation of observations and actions every update",
-          Capabilities(discrete=True, continuous=True, heterogeneous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True, team_critic=True))
 class MADDPGS(MADDPG):
     Config = MADDPGSConfig
 
     def permutation_for(self, batch: Transition) -> list[Tensor]:
-        """sigma_g [N_g] (shuffle="batch") or [B, N_g] (shuffle="row") of every group, uniform over permutations."""
+        """sigma_g [N_g] (shuffle="batch") or [B, N_g] (shuffle="row") of every group the critics
+        read (in a team the other members' groups too), uniform over permutations."""
         perms = []
-        for g, spec in self.groups.items():
+        for g, spec in self.layout.seen.items():
             if self.config.shuffle == "batch":
                 perms.append(torch.randperm(spec.n_agents, device=self.device))
             else:

@@ -35,6 +35,12 @@ Choices the paper leaves open, documented or exposed here:
   O(N^2) per batch row: the paper's design, fine for N <= ~30. Policies are per group (their
   observation and action sizes differ), the critics one set over all N agents; r_i and alpha_i
   are concatenated in group order.
+- In a mixed team (algos/team.py, `TeamView`) x and a hold every group of the environment,
+  opponents included: 003 defines Q_i(s, a) over all agents, so the critic of an MA-SAC team
+  matches that of a MADDPG one. The other members' agents enter as each algorithm treats non-own
+  agents: their stored critic inputs in Eq. 8 (e.g. a MADDPG member's soft samples), their own
+  look-ahead policies' samples in Eq. 7 and their current policies' samples in Eq. 9, detached
+  (`Algorithm.critic_actions`); rows, rewards and alpha_i stay the member's own agents'.
 - Trainer settings of Sec. 5.2 (one gradient step every 100 env steps, batch 1024, replay 1e6,
   15000 episodes of 25 steps) are trainer fields, not part of this Config.
 """
@@ -47,11 +53,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, frozen, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, TeamView, adam, agent_mean, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
-from vimarl.nn.centralized import ActionParams, CentralQ, joint_input, policies_with_targets, td_target
-from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian, action_features
+from vimarl.nn.centralized import (ActionParams, CentralQ, CriticLayout, joint_input, policies_with_targets,
+                                   replayed_critic_inputs, td_target)
+from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian
 
 
 @dataclass
@@ -102,15 +109,18 @@ def act_per_group(policy: nn.ModuleDict, obs: dict[str, Tensor], action_mask: di
 
 @register("masac", "Multi-agent SAC (003): per-agent centralised twin critics over all observations and "
           "actions, target policies and critics, Gumbel-softmax for discrete actions",
-          Capabilities(discrete=True, continuous=True, heterogeneous=True))
+          Capabilities(discrete=True, continuous=True, heterogeneous=True, team_critic=True))
 class MASAC(Algorithm):
     Config = MASACConfig
 
-    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MASACConfig, device="cpu"):
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MASACConfig, device="cpu",
+                 team: TeamView | None = None):
         super().__init__(groups, state_dim, config, device)
         shared, hidden = config.parameter_sharing, config.hidden_dim
         self.policy, self.target_policy = policies_with_targets(groups, lambda s: AgentPolicies(s, hidden, shared))
-        self.critics = CentralQ(groups, (hidden, hidden), shared, twins=2)  # Q_i^1, Q_i^2 of every agent
+        self.layout = CriticLayout(groups, team)
+        self.critics = CentralQ(groups, (hidden, hidden), shared, twins=2,  # Q_i^1, Q_i^2 of every agent
+                                seen=self.layout.seen)
         # alpha_i per agent (003 uses one value for all cooperating agents).
         for g, spec in groups.items():
             self.register_buffer(f"alpha_{g}", torch.full((spec.n_agents,), float(config.alpha)))
@@ -126,9 +136,24 @@ class MASAC(Algorithm):
         """alpha_i of every controlled agent, groups in order: [N]."""
         return torch.cat([self.alpha(g) for g in self.groups])
 
+    @property
+    def critic_input_dim(self) -> int:
+        """Width of every critic's input x: sum over the groups it reads of N_g (O_g + A_g)."""
+        return self.critics.input_dim
+
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):
         return act_per_group(self.policy, obs, action_mask, explore)
+
+    @torch.no_grad()
+    def critic_actions(self, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """Samples a' of the Eq. 7 look-ahead policies at s' (`next_actions`), else of the current ones at s (Eq. 9)."""
+        samples = (self._samples(self._lookahead_policies(), batch.next_obs, batch.next_action_mask) if lookahead
+                   else self._samples(self.policy, batch.obs, batch.action_mask))
+        return {g: sample.critic_input for g, sample in zip(self.groups, samples)}
+
+    def _lookahead_policies(self) -> nn.ModuleDict:
+        return self.target_policy if self.config.next_actions == "target" else self.policy
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         # Algorithm 1: policies (Eq. 9), then critics (Eq. 8), then both target networks.
@@ -152,25 +177,29 @@ class MASAC(Algorithm):
     @torch.no_grad()
     def q_target(self, batch: Transition) -> Tensor:
         """y_i = r_i + gamma (1 - d)(min_j Qbar_i^j(x', a') - alpha_i log pi_i(a'_i | o'_i)) (Eq. 7): [B, N]."""
-        policies = self.target_policy if self.config.next_actions == "target" else self.policy
-        samples = self._samples(policies, batch.next_obs, batch.next_action_mask)
-        next_obs = [batch.next_obs[g] for g in self.groups]
-        next_q = self.critics.min_value(joint_input(next_obs, [s.critic_input for s in samples]), target=True)
+        layout = self.layout
+        samples = self._samples(self._lookahead_policies(), batch.next_obs, batch.next_action_mask)
+        next_actions = layout.ordered([s.critic_input for s in samples], layout.others_actions(batch, lookahead=True))
+        inputs = joint_input(layout.obs(batch, next_step=True), next_actions, rows=layout.rows)
+        next_q = self.critics.min_value(inputs, target=True)
         log_pi = torch.cat([self._log_pi(s) for s in samples], dim=1)
         return td_target(batch, list(self.groups), self.config.gamma, next_q - self.joint_alpha() * log_pi)
 
     def q_loss(self, batch: Transition) -> Tensor:
         """E_Q_i (Eq. 8) summed over both twins, on the stored joint action, mean over batch and agents."""
         target = self.q_target(batch)
-        stored = [action_features(batch.action[g], spec.action_space) for g, spec in self.groups.items()]
-        inputs = joint_input([batch.obs[g] for g in self.groups], stored)
+        layout = self.layout
+        inputs = joint_input(layout.obs(batch), replayed_critic_inputs(batch, layout.seen), rows=layout.rows)
         alive = batch.joint_alive(self.groups)
         return sum(agent_mean((q - target).square(), alive) for q in self.critics.values(inputs))
 
     def policy_loss(self, batch: Transition) -> tuple[Tensor, Tensor]:
         """E_pi_i (Eq. 9) with a ~ pi (every agent's current policy), and the mean entropy (detached)."""
+        layout = self.layout
         samples = self._samples(self.policy, batch.obs, batch.action_mask)
-        inputs = joint_input([batch.obs[g] for g in self.groups], [s.critic_input for s in samples],
+        # Eq. 9: every agent's action from its current policy, the other members' without gradient.
+        actions = layout.ordered([s.critic_input for s in samples], layout.others_actions(batch, lookahead=False))
+        inputs = joint_input(layout.obs(batch), actions, rows=layout.rows,
                              own_action_gradient_only=not self.config.others_action_gradient)
         with frozen(self.critics):
             q = self.critics.min_value(inputs)

@@ -37,8 +37,11 @@ lr 1e-2 for both, gamma 0.95.
 Actions: exploration plays softmax(mu(o_i) + Gumbel), a relaxed sample at temperature 1
 (`select_action` with noise). The reference hands the soft vector to MPE as a force; vimarl's
 discrete environments take an index, so the environment gets the argmax of that relaxed sample
-(`maddpg.relaxed_sample`, a categorical sample of softmax(mu)), the buffer stores the index and
-the critic sees replayed actions as one-hots (the reference replays the soft vectors).
+(`maddpg.relaxed_sample`, a categorical sample of softmax(mu)). The buffer stores the index and, by
+default, the soft vector (`replay_action` "soft", as the reference replays it; `SoftActionReplay`),
+which the critic then sees for the replayed actions in L_Q: the kind of input it is queried at in
+the target and the actor loss. Warm-up and deterministic steps store one-hots; "one_hot" replays
+one-hots of the indices throughout.
 Evaluation plays argmax mu(o_i). Action masks set masked logits to the dtype's minimum before
 the softmax (the reference has none); the regulariser reads the unmasked logits.
 
@@ -52,6 +55,10 @@ Differences from the reference, by design or left out:
   count, batch size and interval are trainer settings (gradient_steps, batch_size, update_every).
 - The linear decay of the learning rates to 0 over training (`adjust_lr`) is not done: the rates
   stay at lr (the reference's --fixed_lr).
+- In a mixed team (algos/team.py) PIC's critic reads its own group only: its graph net takes
+  nodes of one observation and action size, and reading other groups would need the
+  heterogeneous variant's group embeddings. For other members' critics it gives its look-ahead
+  actions softmax(mu(o')) (`critic_actions`).
 - Discrete actions only, one group (PIC's tasks); the heterogeneous variant (`ddpg_vec_hetero.py`,
   group embeddings), the `mlp` critic and agent shuffling (see maddpg_s) are not included.
 - Initialisation of the other layers is torch's nn.Linear default, as in the reference.
@@ -66,11 +73,10 @@ import torch
 from torch import Tensor, nn
 
 from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
-from vimarl.algos.maddpg import deterministic_action, masked_logits, relaxed_sample
+from vimarl.algos.maddpg import SoftActionReplay, deterministic_action, masked_logits, relaxed_sample
 from vimarl.buffer import Transition
 from vimarl.envs.base import GroupSpec
-from vimarl.nn.centralized import policies_with_targets
-from vimarl.nn.distributions import action_features
+from vimarl.nn.centralized import policies_with_targets, replayed_critic_inputs
 from vimarl.nn.mlp import mlp
 
 
@@ -94,6 +100,10 @@ class PICConfig:
     next_actions: Literal["current", "target"] = "current"
     """Actor giving a' = softmax(logits(o')) in the critic target: the current actor (the reference's
     quirk: select_action on self.actor, no noise) or the target actor (the usual DDPG choice)."""
+    replay_action: Literal["soft", "one_hot"] = "soft"
+    """Replayed actions as critic inputs: the relaxed Gumbel-softmax sample the actor acted with,
+    stored in the replay (PIC, like openai/maddpg, replays the soft vectors; one-hots for warm-up
+    and deterministic steps), or the one-hot of the stored index."""
 
 
 class PICActor(nn.Module):
@@ -161,7 +171,7 @@ class TeamCritic(nn.Module):
 @register("pic", "PIC (IouJenLiu/PIC): MADDPG with one shared actor and one permutation-invariant "
           "graph-net critic of the team over all agents' observations and actions (scales to N = 200)",
           Capabilities(discrete=True, continuous=False))
-class PIC(Algorithm):
+class PIC(SoftActionReplay, Algorithm):
     Config = PICConfig
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: PICConfig, device="cpu"):
@@ -178,7 +188,9 @@ class PIC(Algorithm):
         g, space = self.group, self.groups[self.group].action_space
         logits, mask = self.policy[g](obs[g]), (action_mask or {}).get(g)
         if explore:
-            return {g: relaxed_sample(logits, space, mask)[0]}
+            self.acted_samples = {g: relaxed_sample(logits, space, mask)}
+            return {g: self.acted_samples[g][0]}
+        self.acted_samples = {}
         return {g: deterministic_action(logits, space, mask)}
 
     def step(self, name: str, loss: Tensor, module: nn.Module) -> None:
@@ -209,20 +221,28 @@ class PIC(Algorithm):
         return torch.softmax(masked_logits(logits, mask), dim=-1), logits
 
     @torch.no_grad()
+    def critic_actions(self, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """softmax(logits(o')) of the look-ahead actor (`next_actions`), else softmax(mu(o)) (the actor loss's)."""
+        g = self.group
+        if lookahead:
+            actor = self.policy[g] if self.config.next_actions == "current" else self.target_policy[g]
+            return {g: self.soft_actions(actor, batch.next_obs[g], batch.next_action_mask[g])[0]}
+        return {g: self.soft_actions(self.policy[g], batch.obs[g], batch.action_mask[g])[0]}
+
+    @torch.no_grad()
     def q_target(self, batch: Transition) -> Tensor:
         """y = r + gamma (1 - d) Qbar(s', softmax(logits(o'))), r the agents' mean reward: [B]."""
         g = self.group
-        actor = self.policy[g] if self.config.next_actions == "current" else self.target_policy[g]
-        next_actions, _ = self.soft_actions(actor, batch.next_obs[g], batch.next_action_mask[g])
-        next_q = self.critics.target_q(batch.next_obs[g], next_actions)
+        next_q = self.critics.target_q(batch.next_obs[g], self.critic_actions(batch, lookahead=True)[g])
         reward = batch.reward[g].mean(-1)
         return reward + self.config.gamma * (1.0 - batch.terminated.float()) * next_q
 
     def q_loss(self, batch: Transition) -> Tensor:
-        """L_Q on the replayed joint action (one-hots), mean over the batch."""
+        """L_Q on the replayed joint action (the stored soft samples, or one-hots), mean over the batch."""
         g = self.group
         target = self.q_target(batch)
-        q = self.critics.q(batch.obs[g], action_features(batch.action[g], self.groups[g].action_space))
+        replayed, = replayed_critic_inputs(batch, self.groups)
+        q = self.critics.q(batch.obs[g], replayed)
         return (q - target).square().mean()
 
     def policy_terms(self, batch: Transition) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,25 @@ whole replay batch and reads its own groups; its update is its own (separate opt
 targets and metrics, logged as `<algorithm>/<metric>`). Checkpoints hold every member, frozen
 ones included; the runs named in `frozen` must still exist when a team run is resumed or
 evaluated, because building the team loads them (their saved copies are then restored over them).
+
+Structure-matched critics. Paper 003 defines agent i's critic Q_i(s, a) over ALL agents, as MADDPG
+does; a team must not shrink it to the member's own groups, or {predators: masac, prey: maddpg}
+would compare predators whose critics see only the predators with {predators: maddpg, prey:
+maddpg}, one MADDPG whose critics see all four agents. So every member whose algorithm has
+centralised critics (`Capabilities.team_critic`: masac, maddpg, maddpg_s) gets a `TeamView`: its
+critics read every group's observations and actions, opponents included, in the environment's
+group order, and the two arms differ only in the algorithm of the team under test. The member
+learns only for its own agents (critic rows, rewards, actors); the other groups' actions are
+  - in Q(x, a): the replayed ones, as the acting member stored them (`replay_fields`, e.g. a
+    maddpg member's soft samples, `nn.centralized.replayed_critic_inputs`);
+  - in the target look-ahead a': what the other member's own look-ahead uses for its agents (its
+    target policy, or the current one where that algorithm does so), and
+  - in an actor loss: as the member's algorithm treats non-own agents (MADDPG: the replayed
+    actions; MA-SAC Eq. 9: samples of their current policies),
+both asked of the member that plays them through `Team.others_actions` (`Algorithm.critic_actions`;
+a frozen policy or an algorithm without centralised critics answers with its exploring `act`).
+PIC's graph critic reads nodes of one size, so it keeps to its own group. The extra replay fields
+of all learners are stored, each for its own groups.
 """
 
 from __future__ import annotations
@@ -25,8 +44,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, get_algorithm, register
-from vimarl.buffer import Transition
+from vimarl.algos.base import Algorithm, Capabilities, TeamView, get_algorithm, register
+from vimarl.buffer import ExtraFields, Transition
 from vimarl.config import config_for
 from vimarl.envs.base import GroupSpec
 from vimarl.errors import VimarlError, did_you_mean
@@ -62,7 +81,9 @@ class Team(Algorithm):
             cls = get_algorithm(name)
             cls.check_env(f"team member for {sorted(member_groups)}", member_groups, state_dim)
             member_config = config_for(cls, None, config.configs.get(name, {}), f"algo.configs.{name}", name)
-            self.learners[name] = cls(member_groups, state_dim, member_config, device=device)
+            # 003's Q_i(s, a) over all agents: critics read every group, in the env's order.
+            view = {"team": self.team_view(name)} if cls.capabilities.team_critic else {}
+            self.learners[name] = cls(member_groups, state_dim, member_config, device=device, **view)
         self.frozen_members = nn.ModuleDict({group: self.load_frozen(group, path, groups[group])
                                              for group, path in config.frozen.items()})
 
@@ -98,6 +119,40 @@ class Team(Algorithm):
                               f"obs {trained.obs_dim}, {trained.action_space}; this env's group has "
                               f"{spec.n_agents}, obs {spec.obs_dim}, {spec.action_space}")
         return algo.requires_grad_(False).eval()
+
+    def team_view(self, name: str) -> TeamView:
+        """Every group for learner `name`'s critics, and the others' actions asked of their members."""
+        return TeamView(self.groups, lambda batch, lookahead: self.others_actions(name, batch, lookahead))
+
+    def others_actions(self, name: str, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """The actions of the groups that learner `name` does not play, as critic inputs, each from
+        the member that plays it (`Algorithm.critic_actions`)."""
+        asking = self.learners[name]
+        actions: dict[str, Tensor] = {}
+        for algo, groups in self.members():
+            if algo is not asking:
+                given = algo.critic_actions(batch, lookahead)
+                actions.update({g: given[g] for g in groups})
+        return actions
+
+    def critic_input_dims(self) -> dict[str, int]:
+        """Width of each centralised-critic learner's critic input, by algorithm name."""
+        return {name: algo.critic_input_dim for name, algo in self.learners.items()
+                if hasattr(algo, "critic_input_dim")}
+
+    def replay_fields(self) -> ExtraFields:
+        fields: ExtraFields = {}
+        for algo in self.learners.values():
+            for key, by_group in algo.replay_fields().items():
+                fields.setdefault(key, {}).update(by_group)
+        return fields
+
+    def replay_values(self, actions: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        values: dict[str, dict[str, Tensor]] = {}
+        for algo in self.learners.values():
+            for key, by_group in algo.replay_values({g: actions[g] for g in algo.groups}).items():
+                values.setdefault(key, {}).update(by_group)
+        return values
 
     def members(self) -> list[tuple[Algorithm, list[str]]]:
         """(algorithm, the groups whose actions it gives) for learners and frozen policies."""

@@ -12,20 +12,34 @@
 - `CentralQ`: per-agent centralised critics (twins optional) over all controlled agents, with
   target copies; `ActionParams`, `policies_with_targets`, `td_target`: the other pieces that
   MA-SAC and MADDPG build alike.
+- `CriticLayout`: which groups the critic input holds and which agents have a critic row. Alone,
+  an algorithm's critics read exactly the groups it controls; as a member of a mixed team
+  (algos/team.py, `TeamView`) they read every group of the environment, in its order, as paper
+  003's Q_i(s, a) over all agents does, and keep rows only for the member's own agents.
+- `replayed_critic_inputs`: the replayed actions as critic inputs, what the acting algorithm
+  stored (`CRITIC_ACTION`, e.g. MADDPG's relaxed samples) or else their one-hots.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
-from vimarl.nn.distributions import action_dim
+from vimarl.nn.distributions import action_dim, action_features
 from vimarl.nn.mlp import mlp
+
+if TYPE_CHECKING:
+    from vimarl.algos.base import TeamView
+
+CRITIC_ACTION = "critic_action"
+"""Replay field (`Algorithm.replay_fields`) of the critic input an action was acted with, [N, A]
+per group, e.g. MADDPG's relaxed Gumbel-softmax sample whose argmax went to the environment."""
 
 
 class BatchedLinear(nn.Module):
@@ -91,7 +105,7 @@ def own_segments(xs: Tensor | Sequence[Tensor]) -> Tensor:
 
 def joint_input(obs: Tensor | Sequence[Tensor], actions: Tensor | Sequence[Tensor],
                 own_action_gradient_only: bool = False,
-                own_actions: Tensor | Sequence[Tensor] | None = None) -> Tensor:
+                own_actions: Tensor | Sequence[Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
     """x = (o_1..o_N, a_1..a_N) for each controlled agent's critic: [B, N_total, sum_g N_g (O_g + A_g)].
 
     obs [B, N, O] and actions [B, N, A] of one group, or lists of them for several groups (the
@@ -102,16 +116,68 @@ def joint_input(obs: Tensor | Sequence[Tensor], actions: Tensor | Sequence[Tenso
     and every other agent's from `actions` (MADDPG's actor loss). `own_action_gradient_only` is the
     case own_actions = actions with the others detached: row i carries the gradient of a_i alone,
     so sum_i Q_i(x, a) sends agent j's policy gradient only through Q_j; values are unchanged.
+    `rows` (agent indices) keeps only those agents' rows (a team member's own agents, `CriticLayout`).
     """
     obs, actions = per_group(obs), per_group(actions)
-    b, n = obs[0].shape[0], sum(o.shape[1] for o in obs)
+    b = obs[0].shape[0]
+    n = sum(o.shape[1] for o in obs) if rows is None else rows.numel()
     x = flatten_agents(obs).unsqueeze(1).expand(b, n, -1)
     if own_actions is None and own_action_gradient_only and any(a.requires_grad for a in actions):
         own_actions, actions = actions, [a.detach() for a in actions]
     joint = flatten_agents(actions).unsqueeze(1).expand(b, n, -1)
     if own_actions is not None:
-        joint = torch.where(own_segments(actions), flatten_agents(own_actions).unsqueeze(1), joint)
+        own = own_segments(actions) if rows is None else own_segments(actions)[rows]
+        joint = torch.where(own, flatten_agents(own_actions).unsqueeze(1), joint)
     return torch.cat([x, joint], dim=-1)
+
+
+def critic_width(groups: dict[str, GroupSpec]) -> int:
+    """Width of a `joint_input` row over `groups`: sum_g N_g (O_g + A_g)."""
+    return sum(spec.n_agents * (spec.obs_dim + action_dim(spec.action_space)) for spec in groups.values())
+
+
+def replayed_critic_inputs(batch: Transition, groups: dict[str, GroupSpec]) -> list[Tensor]:
+    """The replayed actions of `groups` as critic inputs, groups in order: the vectors the acting
+    algorithm stored (`CRITIC_ACTION`) where it did, else one-hots (Discrete) or the values (Box)."""
+    stored = batch.extra.get(CRITIC_ACTION, {})
+    return [stored[g] if g in stored else action_features(batch.action[g], spec.action_space)
+            for g, spec in groups.items()]
+
+
+class CriticLayout(nn.Module):
+    """The groups a centralised critic input holds (`seen`, in order) and the agents with a critic
+    row (those of `own`, the groups the algorithm controls).
+
+    Alone (team None) the two are the same. In a mixed team (`TeamView`) the critics read every
+    group of the environment, 003's Q_i(s, a) over all agents, and the other groups' actions come
+    from the other members through `others_actions`.
+    """
+
+    def __init__(self, own: dict[str, GroupSpec], team: "TeamView | None" = None):
+        super().__init__()
+        self.own, self.team = own, team
+        self.seen = team.groups if team is not None else own
+        owner = torch.cat([torch.full((spec.n_agents,), g in own) for g, spec in self.seen.items()])
+        # Non-persistent: checkpoints are those of a lone algorithm; None keeps its every row.
+        self.register_buffer("rows", None if bool(owner.all()) else owner.nonzero().squeeze(1), persistent=False)
+
+    @property
+    def input_dim(self) -> int:
+        return critic_width(self.seen)
+
+    def others_actions(self, batch: Transition, lookahead: bool) -> dict[str, Tensor]:
+        """The groups of other team members as critic inputs (`TeamView.others_actions`); none alone."""
+        return {} if self.team is None else self.team.others_actions(batch, lookahead)
+
+    def ordered(self, own: Sequence[Tensor], others: dict[str, Tensor]) -> list[Tensor]:
+        """Per-group tensors in `seen` order from `own` (the own groups' in order) and `others`."""
+        mine = dict(zip(self.own, own))
+        return [mine[g] if g in mine else others[g] for g in self.seen]
+
+    def obs(self, batch: Transition, next_step: bool = False) -> list[Tensor]:
+        """Every seen group's observations at s (or s'), in order."""
+        obs = batch.next_obs if next_step else batch.obs
+        return [obs[g] for g in self.seen]
 
 
 class ActionParams(nn.Module):
@@ -148,13 +214,16 @@ def td_target(batch: Transition, groups: Sequence[str], gamma: float, next_value
 
 
 class CentralQ(nn.Module):
-    """Per-agent centralised critics Q_i^j(x, a_1..a_N), j = 1..twins, over every controlled agent
+    """Per-agent centralised critics Q_i^j(x, a_1..a_N), j = 1..twins, of every controlled agent
     of `groups` (N_total rows, `joint_input` layout), and their target copies."""
 
-    def __init__(self, groups: dict[str, GroupSpec], hidden: Sequence[int], shared: bool, twins: int = 1):
+    def __init__(self, groups: dict[str, GroupSpec], hidden: Sequence[int], shared: bool, twins: int = 1,
+                 seen: dict[str, GroupSpec] | None = None):
+        """`seen`: the groups the input holds (`CriticLayout.seen`; default `groups`), each of
+        `groups`' agents having a critic."""
         super().__init__()
         n = sum(spec.n_agents for spec in groups.values())
-        in_dim = sum(spec.n_agents * (spec.obs_dim + action_dim(spec.action_space)) for spec in groups.values())
+        in_dim = self.input_dim = critic_width(seen or groups)
         self.q = nn.ModuleList(AgentMLP(n, in_dim, hidden, 1, shared) for _ in range(twins))
         self.target_q = nn.ModuleList(AgentMLP(n, in_dim, hidden, 1, shared) for _ in range(twins))
         self.target_q.load_state_dict(self.q.state_dict())
