@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from vimarl.envs.registry import make_env
-    from vimarl.train import EVAL_SEED_OFFSET, evaluate, load_trained
+    from vimarl.train import FINAL_EVAL_SEED, evaluate, load_trained
     from vimarl.video import write_gif
 
     if args.episodes < 1:
@@ -39,7 +39,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.policy:
         return _eval_policy(args)
     run, algo, content = load_trained(args.run_dir, args.device)
-    seed = run.train.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    seed = FINAL_EVAL_SEED if args.seed is None else args.seed  # the trainer's final evaluation episodes
     env = make_env(run.env, args.episodes, seed, args.device, config=run.env_config)
     deterministic = run.train.eval_deterministic if args.sample is None else not args.sample
     returns = evaluate(algo, env, seed, deterministic)
@@ -65,15 +65,15 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _eval_policy(args: argparse.Namespace) -> None:
     """`vimarl eval --policy NAME ENV`: a scripted controller (or uniform random actions) on ENV's
-    evaluation episodes; the default seed is that of a seed-0 run, so the numbers compare with
-    `vimarl eval` of such a run. Prints the return and the env's metrics (e.g. average travel time)."""
+    evaluation episodes; the default seed is that of every run's final evaluation, so the numbers
+    compare with `vimarl eval` of a trained run. Prints the return and the env's metrics (e.g. average travel time)."""
     from vimarl.algos.base import UniformPolicy
     from vimarl.envs.registry import make_env
     from vimarl.envs.traffic.controllers import scripted_policy
-    from vimarl.train import EVAL_SEED_OFFSET, evaluate
+    from vimarl.train import FINAL_EVAL_SEED, evaluate
     from vimarl.video import write_gif
 
-    seed = EVAL_SEED_OFFSET if args.seed is None else args.seed
+    seed = FINAL_EVAL_SEED if args.seed is None else args.seed
     env = make_env(args.run_dir, args.episodes, seed, args.device)
     policy = (UniformPolicy(env.groups, seed) if args.policy == "uniform"
               else scripted_policy(args.policy, args.run_dir, env.groups))
@@ -121,6 +121,10 @@ def _sweep(args: argparse.Namespace) -> None:
 
     if args.workers < 1 or args.retries < 0:
         raise VimarlError(f"--workers must be at least 1 and --retries at least 0, got {args.workers} and {args.retries}")
+    if args.configs:
+        from vimarl.report import resolved_config_lines
+        print("\n".join(resolved_config_lines(args.experiment, args.scale)))
+        return
     command = "vimarl " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sweep"] else ""
     sweep_dir = sweep(args.experiment, args.scale, args.backend, args.workers, args.resume, args.out,
                       args.seeds, args.only, args.retries, args.ray_address, command)
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cells whose ENV/LABEL-sSEED matches (shell pattern or substring), e.g. 'spread/*'")
     sweep.add_argument("--retries", type=int, default=1, help="extra attempts for a failed cell (default 1)")
     sweep.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of a local instance")
+    sweep.add_argument("--configs", action="store_true", help="print every arm's resolved settings (differing ones "
+                       "in bold) and run nothing: check them against the papers before a comparison")
     sweep.set_defaults(handler=_sweep)
 
     reporting = commands.add_parser("report", help="our numbers next to the paper's claims, with verdicts")

@@ -1,5 +1,6 @@
 """Learning curves against environment steps: one run (mean +- std over its evaluation
-episodes) or several runs grouped into curves (mean +- std over runs, e.g. seeds).
+episodes) or several runs grouped into curves (the IQM over runs, e.g. seeds, with a pointwise
+95% stratified-bootstrap band: vimarl.stats.iqm_band).
 
 Runs belong to one curve when their config.yaml files agree on everything but the seed and
 the trainer's bookkeeping (out, progress, ...). Curves are labelled "algo on env", plus the
@@ -17,6 +18,7 @@ import yaml
 
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
+from vimarl.stats import iqm_band
 
 
 BOOKKEEPING = {"seed", "out", "progress", "tensorboard", "device", "torch_threads",
@@ -51,12 +53,12 @@ def _labels(settings: list[dict[str, object]]) -> list[str]:
 
 def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env_steps",
            names: list[str] | None = None):
-    """{label: (x, mean, spread, n_runs)}; runs of a label are cut to the x values they share.
+    """{label: (x, centre, lower, upper, n_runs)}; runs of a label are cut to the x values they share.
     Runs are grouped by `names` (one per run, e.g. a sweep's algorithm labels) when given, else by
     their settings, labelled by what sets them apart.
 
-    The spread is the std over runs, or for a single run of eval_return_mean the std over its
-    evaluation episodes (eval_return_std).
+    Several runs: the centre is their IQM and [lower, upper] its 95% bootstrap band at each x. A single
+    run: its value, and for eval_return_mean +- the std over its evaluation episodes (eval_return_std).
     """
     keys: list[object] = []
     grouped: dict[int, list[dict[float, tuple[float, float]]]] = defaultdict(list)
@@ -81,9 +83,10 @@ def curves(run_dirs: list[Path], metric: str = "eval_return_mean", x: str = "env
         values = np.array([[run[step][0] for step in shared] for run in runs], dtype=float)
         if len(runs) == 1:
             spread = np.array([runs[0][step][1] for step in shared], dtype=float)
+            centre, lower, upper = values[0], values[0] - spread, values[0] + spread
         else:
-            spread = values.std(axis=0)
-        result[label] = (np.array(shared), values.mean(axis=0), spread, len(runs))
+            centre, lower, upper = iqm_band(values)
+        result[label] = (np.array(shared), centre, lower, upper, len(runs))
     return result
 
 
@@ -116,10 +119,10 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "eval_return_mean",
             drawn[f"{name}: {label}" if len(metrics) > 1 else label] = curve
     # Long legends go under the axes so they never hide the curves.
     figure, axes = plt.subplots(figsize=(6.4, 4.0 + 0.25 * len(drawn) * (len(drawn) > 2)), dpi=120)
-    for label, (steps, mean, spread, n_runs) in drawn.items():
-        shown = f"{label} ({n_runs} runs)" if n_runs > 1 else label
-        line, = axes.plot(steps, mean, label=shown)
-        axes.fill_between(steps, mean - spread, mean + spread, color=line.get_color(), alpha=0.2)
+    for label, (steps, centre, lower, upper, n_runs) in drawn.items():
+        shown = f"{label} (IQM of {n_runs} runs, 95% band)" if n_runs > 1 else label
+        line, = axes.plot(steps, centre, label=shown)
+        axes.fill_between(steps, lower, upper, color=line.get_color(), alpha=0.2)
     axes.set_xlabel(x.replace("_", " "))
     axes.set_ylabel(metric.replace("_", " "))
     if title:

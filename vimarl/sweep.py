@@ -1,14 +1,15 @@
 """Experiment suites: one YAML file per paper figure or table (configs/experiments/), expanded into
 (algorithm, environment, seed) cells that each run as `vimarl train` in its own subprocess and run
 directory OUT/<env>/<label>-s<seed>; a ledger (sweep.json, sweep.csv), a summary over seeds
-(summary.md, summary.csv) and one learning-curve figure per environment at the end.
+(summary.md, summary.csv: IQM with its bootstrap interval, vimarl.stats) and one learning-curve
+figure per environment at the end.
 
 An experiment file (every key but `envs` and `algorithms` is optional)::
 
     title: "MA-SAC vs MADDPG"            # what the figure shows
     paper: "003 (MA-SAC)"                # the paper, figure and section the cells mirror
     figure: "Fig. 2, Sec. 5.3"
-    metric: eval_return_mean             # the compared column at the last evaluation (a list sums columns)
+    metric: eval_return_mean             # the compared column, a run's score its mean over the last 3 evaluations (a list sums columns)
     divide_by: 1                         # e.g. N for a per-agent return
     extra_metrics: {name: column}        # further columns summarised the same way
     random_baseline: false               # add the uniform-random policy's return to the summary
@@ -20,17 +21,33 @@ An experiment file (every key but `envs` and `algorithms` is optional)::
       label: {env: NAME, overrides: {...}, scales: {cpu: {...}}, metric: ..., divide_by: N,
               algorithms: {algo_label: {algo: ..., preset: ..., overrides: {...}}}}
     algorithms:
-      label: {algo: NAME, preset: FILE_OR_NAME or {scale: FILE_OR_NAME}, overrides: {...}, envs: [env labels]}
+      label: {algo: NAME, preset: FILE_OR_NAME or {scale: FILE_OR_NAME}, overrides: {...}, envs: [env labels],
+              shared: false}             # shared: false = this arm keeps its own paper's values
+    shared: {lr: 0.01, gamma: 0.95}      # hyperparameters every arm gets (a paper's one table for all)
+    schedules:                           # schedules set relative to each cell's budget
+      epsilon_decay_steps: {fraction: 0.3, of: env_steps}   # a duration: 30% of the run's env steps
+      md_delay: {fraction: 0.002, of: updates}               # 0.2% of its gradient steps (at least 1)
+      epsilon_lr: {per_run: 50, of: updates}                 # a rate: 50 / the run's gradient steps
     claims: [...]                        # see vimarl.report
 
 Overrides are `vimarl train` key=value pairs (algo.<field>, env.<field>, trainer fields); later
 layers win: experiment train, scale train, env overrides, env scale overrides, algorithm
 overrides, the env's per-algorithm overrides.
+
+Fair arms (DESIGN §9.1) by construction: `shared` (top level, or per scale) states once what a
+comparison's arms share. Every arm gets each field as algo.<field>, every member of a `team` arm
+in algo.configs (opponents included), unless the arm sets the field itself (which the report marks
+and tests/test_experiments.py refuses) or opts out with `shared: false`; a shared field that an
+arm's algorithm lacks is an error. `schedules` (top level, or per scale: typically the cpu scale,
+where the papers' step counts would outlast the run) sets every arm's schedule fields that exist
+in its algorithm from the cell's own resolved budget: env steps (total_steps) or gradient steps
+(`planned_updates`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import fnmatch
 import json
 import math
@@ -51,16 +68,19 @@ import yaml
 
 from vimarl.errors import VimarlError, did_you_mean
 from vimarl.logging import read_metrics
+from vimarl.stats import Estimate, iqm_interval, run_score
 
 EXPERIMENTS_DIR = Path(__file__).parent / "configs" / "experiments"
 SCALES = ("cpu", "paper")
 LEDGER, LEDGER_CSV, SUMMARY_CSV, SUMMARY_MD = "sweep.json", "sweep.csv", "summary.csv", "summary.md"
+SUMMARY_COLUMNS = ["env", "algorithm", "metric", "main", "n_seeds", "iqm", "iqm_lo", "iqm_hi", "mean", "std",
+                   "env_steps", "values"]
 EXPERIMENT_COPY = "experiment.yaml"
 INTERRUPTED = 130
 """Exit status of `vimarl train` stopped by Ctrl-C or SIGTERM after writing a checkpoint."""
 QUIET = {"progress": False, "tensorboard": False}
 """Trainer settings every cell gets unless the experiment sets them: no bars or event files."""
-TOP_KEYS = {"title", "paper", "figure", "description", "metric", "divide_by", "extra_metrics",
+TOP_KEYS = {"title", "paper", "figure", "description", "metric", "divide_by", "extra_metrics", "shared", "schedules",
             "random_baseline", "train", "scales", "envs", "algorithms", "claims", "diagnostics", "notes"}
 SOCKET_PATH_LIMIT = 40
 """Ray's session directory holds Unix sockets whose paths must stay under 108 bytes; Ray adds up to
@@ -191,6 +211,11 @@ def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
             preset = per_env.get("preset", algo_spec.get("preset"))
             if isinstance(preset, dict):  # one preset per scale, e.g. {cpu: cpu, paper: paper}
                 preset = preset.get(scale)
+            shared = {} if algo_spec.get("shared") is False else {
+                **(experiment.get("shared") or {}), **(scale_spec.get("shared") or {})}
+            schedules = {**(experiment.get("schedules") or {}), **(scale_spec.get("schedules") or {})}
+            overrides = fair_overrides(algo, env, overrides, preset, shared, schedules,
+                                       f"{name}: arm {label} on {env_label}")
             for seed in seeds:
                 key = f"{env_label}/{label}-s{seed}"
                 if only and not fnmatch.fnmatchcase(key, only) and only not in key:
@@ -204,6 +229,67 @@ def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
         raise VimarlError(f"experiment {name} has no cells" + (f" matching --only {only}" if only else "")
                           + "; check --only and --seeds")
     return cells
+
+
+def planned_updates(train) -> int:
+    """Gradient steps a replay run of this TrainConfig takes: one update every update_every env steps
+    after the warm-up, gradient_steps each."""
+    return max(0, train.total_steps - train.warmup_steps) // train.update_every * train.gradient_steps
+
+
+def _mapping(value: Any) -> dict:
+    """A mapping override as written in an experiment file (a YAML string or a mapping)."""
+    value = yaml.safe_load(value) if isinstance(value, str) else value
+    return dict(value or {})
+
+
+def schedule_value(rule: dict, train, where: str) -> int | float:
+    """A schedule field's value for a run with this TrainConfig (see the module docstring)."""
+    unit = rule.get("of")
+    if unit not in ("env_steps", "updates") or len(set(rule) & {"fraction", "per_run"}) != 1:
+        raise VimarlError(f"{where}: a schedule must be {{fraction: F, of: env_steps|updates}} or "
+                          f"{{per_run: K, of: env_steps|updates}}, got {rule}; fix the experiment file")
+    count = train.total_steps if unit == "env_steps" else planned_updates(train)
+    if "fraction" in rule:
+        return max(1, round(float(rule["fraction"]) * count))
+    return float(rule["per_run"]) / max(1, count)
+
+
+def fair_overrides(algo: str, env: str, overrides: dict, preset: str | None, shared: dict, schedules: dict,
+                   where: str) -> dict:
+    """The cell's overrides with the comparison's shared hyperparameters and budget-relative schedules
+    added (a value the arm sets itself stays), for the algorithm or every member of a team."""
+    if not shared and not schedules:
+        return overrides
+    from vimarl.algos import get_algorithm
+    from vimarl.config import parse_overrides, resolve
+
+    try:
+        train = resolve(algo, env, parse_overrides([f"{k}={_format(v)}" for k, v in overrides.items()]), preset).train
+    except VimarlError as error:
+        raise VimarlError(f"{where}: {error}") from None
+
+    def added(name: str, own: dict) -> dict:
+        fields = {f.name for f in dataclasses.fields(get_algorithm(name).Config)}
+        missing = sorted(set(shared) - fields)
+        if missing:
+            raise VimarlError(f"{where}: shared field(s) {', '.join(missing)} do not exist in {name}'s config; "
+                              f"give the arm `shared: false` (its own paper's values) or fix the field names")
+        values = dict(shared)
+        values.update({field: schedule_value(rule, train, where) for field, rule in schedules.items() if field in fields})
+        return {k: v for k, v in values.items() if k not in own}
+
+    overrides = dict(overrides)
+    if algo == "team":
+        members = _mapping(overrides.get("algo.members"))
+        configs = _mapping(overrides.get("algo.configs"))
+        for name in dict.fromkeys(members.values()):
+            configs[name] = {**added(name, configs.get(name) or {}), **(configs.get(name) or {})}
+        overrides["algo.configs"] = configs
+        return overrides
+    own = {k.removeprefix("algo."): v for k, v in overrides.items() if k.startswith("algo.")}
+    overrides.update({f"algo.{k}": v for k, v in added(algo, own).items()})
+    return overrides
 
 
 def _total_steps(algo: str, env: str, overrides: dict, preset: str | None) -> int | None:
@@ -416,16 +502,15 @@ def metric_spec(experiment: dict, env_label: str) -> tuple[list[str], float]:
     return ([metric] if isinstance(metric, str) else list(metric)), float(env_spec.get("divide_by", experiment.get("divide_by", 1)))
 
 
-def final_value(run_dir: str | Path, columns: list[str], divide_by: float = 1.0) -> float | None:
-    """The sum of `columns` at the run's last evaluation, divided by `divide_by` (None without metrics)."""
-    rows = read_metrics(Path(run_dir) / "metrics.csv")
-    if not rows or any(c not in rows[-1] for c in columns):
-        return None
-    return sum(float(rows[-1][c]) for c in columns) / divide_by
+def score(run_dir: str | Path, columns: list[str], divide_by: float = 1.0) -> float | None:
+    """The run's score: the sum of `columns` divided by `divide_by`, averaged over its last three
+    evaluations (vimarl.stats.run_score; None without metrics)."""
+    return run_score(read_metrics(Path(run_dir) / "metrics.csv"), columns, divide_by)
 
 
 def summary_rows(experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
-    """Mean and population std over seeds of the compared metric (and extra metrics) per env x algorithm."""
+    """Per env x algorithm and metric (the compared one, then the extra metrics): the seeds' scores,
+    their IQM with its bootstrap interval, mean and population std."""
     rows = []
     metrics = {"main": None, **(experiment.get("extra_metrics") or {})}
     for env_label in experiment["envs"]:
@@ -434,28 +519,30 @@ def summary_rows(experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
             runs = [c for c in cells if c.env_label == env_label and c.label == label]
             for name, column in metrics.items():
                 used = columns if column is None else ([column] if isinstance(column, str) else list(column))
-                values = [v for v in (final_value(c.run_dir, used, divide_by) for c in runs if c.status == "done")
+                values = [v for v in (score(c.run_dir, used, divide_by) for c in runs if c.status == "done")
                           if v is not None]
                 if name != "main" and not values:
                     continue
+                aggregate = iqm_interval(values) if values else Estimate(math.nan, math.nan, math.nan)
                 rows.append({"env": env_label, "algorithm": label, "metric": name if name != "main" else "+".join(used),
                              "main": name == "main", "n_seeds": len(values),
+                             "iqm": aggregate.value, "iqm_lo": aggregate.lo, "iqm_hi": aggregate.hi,
                              "mean": statistics.mean(values) if values else math.nan,
                              "std": statistics.pstdev(values) if values else math.nan,
                              "values": values, "env_steps": max((last_env_steps(c.run_dir) for c in runs), default=0)})
     return rows
 
 
-def random_baseline(experiment: dict, env_label: str, episodes: int = 20) -> float:
-    """The compared metric for uniformly random actions on the seed-0 evaluation episodes."""
+def random_baseline(experiment: dict, env_label: str, episodes: int = 100) -> float:
+    """The compared metric for uniformly random actions on the episodes of every run's final evaluation."""
     import vimarl
     from vimarl.algos.base import UniformPolicy
-    from vimarl.train import EVAL_SEED_OFFSET, evaluate
+    from vimarl.train import FINAL_EVAL_SEED, evaluate
 
     env_spec = experiment["envs"][env_label] or {}
     options = {k.removeprefix("env."): v for k, v in (env_spec.get("overrides") or {}).items() if k.startswith("env.")}
-    env = vimarl.make_env(env_spec.get("env", env_label), episodes, seed=EVAL_SEED_OFFSET, **options)
-    returns = evaluate(UniformPolicy(env.groups), env, seed=EVAL_SEED_OFFSET)
+    env = vimarl.make_env(env_spec.get("env", env_label), episodes, seed=FINAL_EVAL_SEED, **options)
+    returns = evaluate(UniformPolicy(env.groups), env, seed=FINAL_EVAL_SEED)
     column_group = {"eval_return_mean": next(iter(returns))} | {f"eval_return/{g}": g for g in returns}
     columns, divide_by = metric_spec(experiment, env_label)
     return sum(float(returns[column_group[c]].mean()) for c in columns if c in column_group) / divide_by
@@ -466,8 +553,13 @@ def number(value: float, digits: int = 3) -> str:
     return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
 
 
-def fmt(mean: float, std: float) -> str:
-    return "n/a" if math.isnan(mean) else f"{number(mean)} +- {number(std, 2)}"
+def fmt(estimate: Estimate, signed: bool = False) -> str:
+    """'value [lo, hi]' (with + on positive numbers if `signed`, for differences), or n/a without finished runs."""
+    if math.isnan(estimate.value):
+        return "n/a"
+    def show(value: float) -> str:
+        return ("+" if signed and value >= 0 else "") + number(value)
+    return f"{show(estimate.value)} [{show(estimate.lo)}, {show(estimate.hi)}]"
 
 
 def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
@@ -477,10 +569,10 @@ def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict
     rows = summary_rows(experiment, cells)
     with open(sweep_dir / SUMMARY_CSV, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["env", "algorithm", "metric", "main", "n_seeds", "mean", "std", "env_steps", "values"])
+        writer.writerow(SUMMARY_COLUMNS)
         for r in rows:
-            writer.writerow([r["env"], r["algorithm"], r["metric"], int(r["main"]), r["n_seeds"], r["mean"], r["std"],
-                             r["env_steps"], " ".join(f"{v:.6g}" for v in r["values"])])
+            written = {**r, "main": int(r["main"]), "values": " ".join(f"{v:.6g}" for v in r["values"])}
+            writer.writerow([written[c] for c in SUMMARY_COLUMNS])
     labels = list(dict.fromkeys(c.label for c in cells))
     baseline = {}
     if experiment.get("random_baseline"):
@@ -491,14 +583,14 @@ def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict
                 baseline[env_label] = f"n/a ({type(error).__name__})"
     lines = [f"# {experiment.get('title', experiment['name'])}", "",
              f"{experiment.get('paper', '')} {experiment.get('figure', '')}".strip()
-             + ": mean +- std over seeds at the last evaluation", ""]
+             + ": IQM [95% bootstrap interval] over seeds of each run's mean over its last three evaluations", ""]
     header = ["env", "metric", *labels] + (["uniform random"] if baseline else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for env_label in dict.fromkeys(c.env_label for c in cells):
         for metric in dict.fromkeys(r["metric"] for r in rows if r["env"] == env_label):
             found = {r["algorithm"]: r for r in rows if r["env"] == env_label and r["metric"] == metric}
             main = any(r["main"] for r in found.values())
-            cells_md = [fmt(found[l]["mean"], found[l]["std"]) if l in found else "" for l in labels]
+            cells_md = [fmt(estimate(found[l])) if l in found else "" for l in labels]
             extra = [baseline.get(env_label, "") if main else ""] if baseline else []
             lines.append("| " + " | ".join([env_label, metric, *cells_md, *extra]) + " |")
     (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
@@ -511,7 +603,7 @@ def summarise(sweep_dir: Path, experiment: dict, cells: list[Cell]) -> list[dict
         try:
             plot_runs([Path(c.run_dir) for c in plotted], sweep_dir / f"{env_label}.png", columns[0],
                       title=f"{experiment.get('paper', '')} {experiment.get('figure', '')}, {env_label}: "
-                      f"{columns[0]}, {len({c.seed for c in cells})} seeds", names=[c.label for c in plotted])
+                      f"{columns[0]}, IQM of {len({c.seed for c in cells})} seeds, 95% band", names=[c.label for c in plotted])
         except VimarlError:
             pass  # a run without the column: the summary says n/a
         for plot in experiment.get("diagnostics") or []:  # e.g. 004's per-agent KL and coordination matrices
@@ -536,9 +628,19 @@ def read_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(sweep_dir) / SUMMARY_CSV
     if not path.exists():
         raise VimarlError(f"{sweep_dir} holds no {SUMMARY_CSV}; run vimarl sweep (or --resume it) first")
+    numbers = ("iqm", "iqm_lo", "iqm_hi", "mean", "std")
     with open(path, newline="") as file:
-        return [{**row, "main": row["main"] == "1", "n_seeds": int(row["n_seeds"]), "mean": float(row["mean"]), "std": float(row["std"]),
-                 "values": [float(v) for v in row["values"].split()]} for row in csv.DictReader(file)]
+        reader = csv.DictReader(file)
+        if "iqm" not in (reader.fieldnames or []):
+            raise VimarlError(f"{path} predates interval estimates; rewrite it with vimarl sweep EXPERIMENT --resume "
+                              f"--out {sweep_dir} (finished cells are not run again)")
+        return [{**row, "main": row["main"] == "1", "n_seeds": int(row["n_seeds"]), **{c: float(row[c]) for c in numbers},
+                 "values": [float(v) for v in row["values"].split()]} for row in reader]
+
+
+def estimate(row: dict[str, Any]) -> Estimate:
+    """A summary row's IQM with its interval."""
+    return Estimate(row["iqm"], row["iqm_lo"], row["iqm_hi"])
 
 
 __all__ = ["Cell", "expand", "load_experiment", "run_cell", "summarise", "sweep"]
