@@ -12,7 +12,8 @@ from vimarl.logging import read_metrics
 
 SIMULATORS = {"multiwalker_n2": ("pettingzoo", "sisl"), "multiwalker_n3": ("pettingzoo", "sisl"),
               "pursuit": ("pettingzoo", "sisl"), "jungle": ("magent2", "magent")}
-# Short episodes keep the evaluations cheap (pursuit steps at about 90 env steps/s).
+# Short episodes and no 100-episode final evaluation keep the evaluations cheap (pursuit steps at
+# about 90 env steps/s).
 EPISODE = {"multiwalker_n2": {"episode_length": 50}, "multiwalker_n3": {"episode_length": 50},
            "pursuit": {"episode_length": 50}, "jungle": {"episode_length": 25}}
 
@@ -25,7 +26,8 @@ def test_smoke_training_and_resume(tmp_path, algo, env):
     if importlib.util.find_spec(module) is None or (extra == "sisl" and importlib.util.find_spec("pymunk") is None):
         pytest.skip(f"{env} needs its simulator: pip install 'vimarl[{extra}]'")
     budget = dict(total_steps=200, buffer_size=1000, warmup_steps=100, update_every=10, batch_size=32, num_envs=2,
-                  eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False, tensorboard=False)
+                  eval_every=200, eval_episodes=1, final_eval_episodes=0, checkpoint_every=200,
+                  progress=False, tensorboard=False)
     out = vimarl.train(algo, env, out=str(tmp_path / "run"), seed=0, env_config=EPISODE[env],
                        **budget)
     rows = read_metrics(out / "metrics.csv")

@@ -195,7 +195,8 @@ def test_mamt_trains_on_multiwalker(tmp_path):
     if importlib.util.find_spec("pettingzoo") is None or importlib.util.find_spec("pymunk") is None:
         pytest.skip("multiwalker_n3 needs its simulator: pip install 'vimarl[sisl]'")
     budget = dict(total_steps=200, buffer_size=1000, warmup_steps=100, update_every=10, batch_size=32, num_envs=2,
-                  eval_every=200, eval_episodes=1, checkpoint_every=200, progress=False, tensorboard=False)
+                  eval_every=200, eval_episodes=1, final_eval_episodes=0, checkpoint_every=200,
+                  progress=False, tensorboard=False)
     out = vimarl.train("mamt", "multiwalker_n3", out=str(tmp_path / "run"), seed=0, env_config={"episode_length": 50},
                        algo_config=dict(MAMT_SMALL, counterfactual_samples=4), **budget)
     rows = read_metrics(out / "metrics.csv")
