@@ -195,3 +195,14 @@ def test_sweep_configs_prints_every_arms_resolved_settings_and_runs_nothing(caps
     assert "| lr | 0.0003 | 0.0003 | 0.0003 |" in spread and "| hidden_dim | 128 | 128 | 128 |" in spread
     assert "| **grad_clip** | - | - | 0.5 |" in spread  # MADDPG's own clip, visible as a difference
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name, scale", CELLS)
+def test_every_cell_has_five_seeds_and_toy_games_ten(name, scale):
+    cells = expand(load_experiment(name), scale)
+    seeds = {(cell.env_label, cell.label): set() for cell in cells}
+    for cell in cells:
+        seeds[(cell.env_label, cell.label)].add(cell.seed)
+    toy = {"grid_coordination"}
+    for (env_label, label), found in seeds.items():
+        assert len(found) >= (10 if env_label in toy else 5), (name, scale, env_label, label)

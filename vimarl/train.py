@@ -278,7 +278,7 @@ class Trainer:
         policies = {"deterministic": evaluate(self.algo, env, seed, True, metrics=env_metrics),
                     "sampled": evaluate(self.algo, env, seed, False)}
         returns = policies["deterministic" if self.config.eval_deterministic else "sampled"]
-        main = next(iter(returns.values())).cpu().double()
+        main = _first_group(returns)
         self.wall_s = time.perf_counter() - started
         steps_since, seconds_since = self.env_steps - last_row[0], self.wall_s - last_row[1]
         row: dict[str, Any] = {
@@ -288,12 +288,12 @@ class Trainer:
             "eval_episodes": env.num_envs, "final_eval": int(final),
             "eval_return_mean": main.mean().item(), "eval_return_std": main.std(unbiased=False).item(),
         }
-        row.update({f"eval_{name}_return_mean": next(iter(r.values())).mean().item() for name, r in policies.items()})
-        row.update({f"eval_return/{g}": r.mean().item() for g, r in returns.items()})
+        row.update({f"eval_{name}_return_mean": _first_group(r).mean().item() for name, r in policies.items()})
+        row.update({f"eval_return/{g}": r.double().mean().item() for g, r in returns.items()})
         row.update({f"eval_{k}": v.double().mean().item() for k, v in env_metrics.items()})
         for label, mode in self.algo.evaluation_modes().items():
             other = evaluate(self.algo, env, seed, self.config.eval_deterministic, mode=mode)
-            row[f"eval_return_mean/{label}"] = next(iter(other.values())).mean().item()
+            row[f"eval_return_mean/{label}"] = _first_group(other).mean().item()
         finished = torch.cat(self.finished_returns, dim=1) if self.finished_returns else None
         for index, g in enumerate(self.algo.groups):
             row[f"train_return/{g}"] = finished[index].mean().item() if finished is not None else math.nan
@@ -361,6 +361,11 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.random_actions.set_state(rng["random_actions"])
         self.last_eval = content.get("last_eval")
+
+
+def _first_group(returns: dict[str, Tensor]) -> Tensor:
+    """The first group's episode returns, in double precision on the CPU (every logged mean is)."""
+    return next(iter(returns.values())).cpu().double()
 
 
 def _crossed(before: int, after: int, every: int) -> bool:
