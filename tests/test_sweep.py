@@ -221,6 +221,23 @@ def test_report_puts_our_numbers_next_to_the_claims(swept, tmp_path):
     assert (tmp_path / "cli.md").exists()
 
 
+def test_report_of_a_sweep_stopped_part_way_uses_the_runs_that_finished(swept, tmp_path):
+    """A sweep killed mid-way leaves its ledger behind the runs: the report summarises afresh from
+    the runs' own metrics, counting a cell as finished when its run reached total_steps."""
+    partial = tmp_path / "partial"
+    shutil.copytree(swept, partial)
+    ledger = json.loads((partial / "sweep.json").read_text())
+    for cell in ledger["cells"]:
+        cell["status"] = "pending"  # the ledger of a sweep killed before it wrote the outcomes
+        cell["run_dir"] = str(partial / Path(cell["run_dir"]).relative_to(swept))
+    (partial / "sweep.json").write_text(json.dumps(ledger))
+    (partial / "grid2" / "vpp-s1" / "metrics.csv").unlink()  # a cell that never ran
+    text = report(partial, tmp_path / "partial.md").read_text()
+    assert "cells: 3 of 4 finished; not finished: grid2/vpp-s1" in text
+    rows = {row["env"]: row for row in csv.DictReader(open(partial / "summary.csv"))}
+    assert rows["grid2"]["n_seeds"] == "1" and rows["grid3"]["n_seeds"] == "2"
+
+
 def one_line_error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()

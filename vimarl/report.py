@@ -51,6 +51,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import yaml
@@ -59,7 +60,8 @@ from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 from vimarl.stats import SCORE_EVALUATIONS, Estimate, evaluation_values, iqm_difference, iqm_interval, \
     probability_of_improvement
-from vimarl.sweep import EXPERIMENT_COPY, _format, estimate, fmt, metric_spec, number, read_ledger, read_summary
+from vimarl.sweep import (EXPERIMENT_COPY, Cell, _format, estimate, fmt, is_finished, metric_spec, number, read_ledger,
+                          summarise)
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, JUDGEMENT, NOT_RUN = (
     "reproduced", "not reproduced", "inconclusive", "needs judgement", "not run")
@@ -345,7 +347,6 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     if not sweep_dir.is_dir():
         raise VimarlError(f"{sweep_dir} is not a directory; pass the --out folder of a vimarl sweep")
     ledger = read_ledger(sweep_dir)
-    summary = read_summary(sweep_dir)
     try:
         experiment = yaml.safe_load((sweep_dir / EXPERIMENT_COPY).read_text())
     except (OSError, yaml.YAMLError):
@@ -353,7 +354,11 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     name = ledger["experiment"]
     out = Path(out or f"docs/results/{name}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cells = ledger["cells"]
+    # The summary is made afresh from the runs as they stand, so that a sweep stopped part-way (or
+    # one whose ledger predates its last cells) is reported from exactly the runs that finished.
+    finished = [Cell(**{**c, "status": "done" if is_finished(Cell(**c)) else c["status"]}) for c in ledger["cells"]]
+    summary = summarise(sweep_dir, {**experiment, "name": name}, finished)
+    cells = [asdict(cell) for cell in finished]
     done = sum(c["status"] == "done" for c in cells)
     scale = (experiment.get("scales") or {}).get(ledger["scale"]) or {}
     lines = [f"# {experiment.get('title', name)}", "",
@@ -366,7 +371,7 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
              + (f"{ledger['wall_s']:.0f} s wall" if ledger["wall_s"] else "wall time not recorded (cells run before)")
              + (f" over {1 + len(ledger['resumed'])} sessions" if ledger.get("resumed") else ""),
              f"- cells: {done} of {len(cells)} finished" + (
-                 f"; failed: {', '.join(c['env_label'] + '/' + c['label'] + '-s' + str(c['seed']) for c in cells if c['status'] != 'done')}"
+                 f"; not finished: {', '.join(c['env_label'] + '/' + c['label'] + '-s' + str(c['seed']) for c in cells if c['status'] != 'done')}"
                  if done < len(cells) else ""), "",
              "A run's score is its mean over its last three evaluations; numbers are IQMs over seeds with 95% "
              "stratified-bootstrap intervals; the verdict rules are in docs/experiments.md (Reports).", ""]
