@@ -27,11 +27,7 @@ def resolved_arms(name: str, scale: str):
         if (cell.env_label, cell.label) in seen:
             continue
         seen.add((cell.env_label, cell.label))
-        args = list(cell.args)
-        preset = None
-        if args[:1] == ["--preset"]:
-            preset, args = args[1], args[2:]
-        run = resolve(cell.algo, cell.env, parse_overrides(args), preset)
+        run = cell.resolve()
         if cell.algo == "team":
             members = {name: build(get_algorithm(name).Config, run.algo_config.configs.get(name, {}), name)
                        for name in set(run.algo_config.members.values())}
@@ -101,11 +97,11 @@ def test_no_arm_of_a_comparison_has_a_tuned_cpu_preset():
     hand-assigned trust regions) but not tune its trainer settings or learning hyperparameters."""
     for name in experiment_names():
         cells = {cell.label: cell for cell in expand(load_experiment(name), "cpu")}
-        with_preset = {label: cell for label, cell in cells.items() if "--preset" in cell.args}
+        with_preset = {label: cell for label, cell in cells.items() if cell.preset}
         if not with_preset or set(with_preset) == set(cells):
             continue
         for label, cell in with_preset.items():
-            preset = load_yaml(find_preset(cell.args[cell.args.index("--preset") + 1], cell.algo))
+            preset = load_yaml(find_preset(cell.preset, cell.algo))
             assert "train" not in preset and not TUNED & set(preset.get("algo") or {}), (name, label, preset)
 
 

@@ -320,20 +320,15 @@ def config_lines(experiment: dict, cells: list[dict[str, Any]]) -> list[str]:
 def resolved_config_lines(experiment_name: str | Path, scale: str = "cpu") -> list[str]:
     """The configuration tables of an experiment's arms as its cells resolve, before anything runs
     (`vimarl sweep EXPERIMENT --configs`): what the report will show, to check against the papers."""
-    from vimarl.config import parse_overrides, resolve
     from vimarl.sweep import expand, load_experiment
 
     experiment = load_experiment(experiment_name)
     tables: dict[str, dict[str, dict[str, Any]]] = {}
     for cell in expand(experiment, scale):
         arms = tables.setdefault(cell.env_label, {})
-        if cell.label in arms:
-            continue
-        args, preset = list(cell.args), None
-        if args[:1] == ["--preset"]:
-            preset, args = args[1], args[2:]
-        run = resolve(cell.algo, cell.env, parse_overrides(args), preset)
-        arms[cell.label] = arm_settings(run.to_dict(), _tested_group(metric_spec(experiment, cell.env_label)[0]))
+        if cell.label not in arms:
+            tested = _tested_group(metric_spec(experiment, cell.env_label)[0])
+            arms[cell.label] = arm_settings(cell.resolve().to_dict(), tested)
     lines = [f"{experiment['name']} ({scale}): resolved settings per arm, differing ones in bold", ""]
     for env_label, arms in tables.items():
         lines += [f"### {env_label}", "", *config_table(arms), ""]

@@ -155,6 +155,16 @@ class Cell:
     def key(self) -> str:
         return f"{self.env_label}/{self.label}-s{self.seed}"
 
+    @property
+    def preset(self) -> str | None:
+        """The cell's --preset, if it has one."""
+        return self.args[1] if self.args[:1] == ["--preset"] else None
+
+    def resolve(self):
+        """The cell's RunConfig exactly as its `vimarl train` resolves it."""
+        from vimarl.config import parse_overrides, resolve
+        return resolve(self.algo, self.env, parse_overrides(self.args[2:] if self.preset else self.args), self.preset)
+
     def train_command(self, resume: bool) -> list[str]:
         base = [sys.executable, "-m", "vimarl.cli", "train"]
         if resume:

@@ -260,15 +260,19 @@ class Trainer:
         self.metric_count += 1
         self.updates += 1
 
+    @property
+    def final_eval_episodes(self) -> int:
+        """Episodes of the final evaluation: final_eval_episodes, and never fewer than a periodic one."""
+        return max(self.config.final_eval_episodes, self.config.eval_episodes)
+
     def _evaluation_env(self, final: bool) -> tuple[BatchedEnv, int]:
         """(environment, seed) of the next evaluation: the periodic one at index env_steps // eval_every,
         or the final one (built once, with final_eval_episodes sub-environments)."""
         if not final:
             return self.eval_env, eval_seed(self.env_steps // self.config.eval_every)
         if self.final_eval_env is None:
-            episodes = max(self.config.final_eval_episodes, self.config.eval_episodes)
-            self.final_eval_env = make_env(self.run.env, episodes, FINAL_EVAL_SEED, self.env.device,
-                                           config=self.run.env_config)
+            self.final_eval_env = make_env(self.run.env, self.final_eval_episodes, FINAL_EVAL_SEED,
+                                           self.env.device, config=self.run.env_config)
         return self.final_eval_env, FINAL_EVAL_SEED
 
     def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float],
@@ -316,7 +320,7 @@ class Trainer:
             "updates": self.updates, "wall_s": round(self.wall_s, 3),
             "env_steps_per_s": round(self.env_steps / self.wall_s, 1) if self.wall_s else math.nan,
             "eval_return_mean": mean, "eval_return_std": std,
-            "eval_episodes": max(self.config.final_eval_episodes, self.config.eval_episodes),
+            "eval_episodes": self.final_eval_episodes if self.config.final_eval_episodes else self.config.eval_episodes,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
