@@ -153,8 +153,8 @@ def ref_mean_field(module: MeanFieldPropagation, obs, graph):
 @torch.no_grad()
 def ref_neighbor_q(module: NeighborQ, obs, action, graph, mean: bool):
     batch, n, _ = obs.shape
-    state = ref_state_propagation(module.states, obs, graph)[-1]
-    linear = module.neighbor_action[0]
+    state = ref_state_propagation(module.agent_state.states, obs, graph)[-1]
+    linear = module.neighbor_embed[0]
     embed = [[torch.relu(linear.weight @ action[b, j] + linear.bias) for j in range(n)]
              for b in range(batch)]
     q = torch.zeros(batch, n, dtype=obs.dtype)
@@ -785,7 +785,7 @@ def test_state_value_matches_loop():
     obs = torch.randn(2, 5, 4, dtype=DOUBLE)
     value = module(obs, graph)
     assert value.shape == (2, 5)
-    state = ref_state_propagation(module.states, obs, graph)[-1]
+    state = ref_state_propagation(module.agent_state.states, obs, graph)[-1]
     torch.testing.assert_close(value, module.head(state).squeeze(-1))
 
 

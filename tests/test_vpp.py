@@ -9,6 +9,7 @@ entropy weight, the independent ablation, heterogeneous groups, continuous actio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -46,6 +47,7 @@ VARIANTS = {
     "vpp_loopy_bp": ("vpp", {"inference": "loopy_bp"}),
     "vpp_loopy_bp_concat": ("vpp", {"inference": "loopy_bp", "concat_hops": True}),
     "ip": ("ip", {}),
+    "vpp_pair_critic": ("vpp", {"critic_neighbors": "pair", "critic_reads_obs": True}),
 }
 SMALL = {"embed_dim": 16, "state_dim": 16, "hidden_dim": 32}
 
@@ -158,8 +160,8 @@ def test_padding_on_the_real_grid_graph_changes_nothing():
 # ---------------------------------------------------------------------------------------
 
 
-UPDATE_CASES = [(v, mode) for v in ("vpp_mean_field", "vpp_loopy_bp", "ip")
-                for mode in ("expectation", "straight_through")]
+UPDATE_CASES = [(v, mode) for v in ("vpp_mean_field", "vpp_loopy_bp", "ip", "vpp_pair_critic")
+                for mode in ("expectation", "neighbor_expectation", "straight_through")]
 
 
 @pytest.mark.parametrize("variant, mode", UPDATE_CASES)
@@ -183,7 +185,7 @@ def test_one_update_changes_every_parameter(variant, mode):
         old = before[f"critics.{G}.target_value.{name}"]
         torch.testing.assert_close(after[f"critics.{G}.target_value.{name}"], 0.9 * old + 0.1 * value,
                                    atol=1e-7, rtol=0)
-    assert torch.equal(after["log_alpha"], before["log_alpha"])
+    assert torch.equal(after[f"log_alpha.{G}"], before[f"log_alpha.{G}"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,7 +322,8 @@ def test_expectation_policy_loss_and_value_target_by_hand(variant):
     alpha = torch.tensor(0.3)
     obs, graph = batch.obs[G], batch.graph[G]
     torch.manual_seed(11)
-    loss, value_target, entropy = algo.policy_terms(G, batch, alpha)
+    terms = algo.policy_terms(G, batch, alpha)
+    loss, value_target, entropy = terms.loss, terms.value_target, terms.entropy
     assert loss.requires_grad and not value_target.requires_grad and not entropy.requires_grad
     with torch.no_grad():
         torch.manual_seed(11)
@@ -340,21 +343,26 @@ def test_expectation_policy_loss_and_value_target_by_hand(variant):
     assert value_target.shape == (16, 6)
 
 
-def test_expectation_gradient_is_analytic_with_neighbour_actions_fixed():
-    """In expectation mode the policy gradient is exactly d/dtheta sum_a p(a) (alpha log p(a) - Q(a)):
-    the sampled neighbour actions are constants, so the gradient w.r.t. the logits is analytic."""
+def nav_policy_batch():
+    """VPP on coop_nav N = 6, a batch of 8, its policy's distribution and the logits as a leaf."""
     env = vimarl.make_env("coop_nav_n6", 2)
     algo = make("vpp_mean_field", env, **SMALL)
     batch = sample_batch(env, algo, size=8, steps=4)
+    torch.manual_seed(3)
+    dist = algo.policy(G, batch.obs[G], batch.graph[G])
+    return algo, batch, dist, dist.logits.detach().requires_grad_()
+
+
+def test_expectation_gradient_is_analytic_with_neighbour_actions_fixed():
+    """In expectation mode the policy gradient is exactly d/dtheta sum_a p(a) (alpha log p(a) - Q(a)):
+    the sampled neighbour actions are constants, so the gradient w.r.t. the logits is analytic."""
+    algo, batch, dist, logits = nav_policy_batch()
     obs, graph = batch.obs[G], batch.graph[G]
     alpha = torch.tensor(0.2)
-    torch.manual_seed(3)
-    dist = algo.policy(G, obs, graph)
-    logits = dist.logits.detach().requires_grad_()
     original = inject_logits(algo, logits)
     try:
         torch.manual_seed(3)
-        loss, _, _ = algo.policy_terms(G, batch, alpha)
+        loss = algo.policy_terms(G, batch, alpha).loss
         (grad,) = torch.autograd.grad(loss, logits)
         torch.manual_seed(3)
         neighbor_action = F.one_hot(Categorical(logits.detach()).sample().action, 5).float()
@@ -400,7 +408,7 @@ def test_straight_through_neighbour_action_gradient_switch():
         original = inject_logits(algo, leaf)
         try:
             torch.manual_seed(4)
-            loss, _, _ = algo.policy_terms(G, batch, torch.tensor(0.2))
+            loss = algo.policy_terms(G, batch, torch.tensor(0.2)).loss
             (grads[flag],) = torch.autograd.grad(loss, leaf)
         finally:
             algo.policy.forward = original
@@ -421,7 +429,8 @@ def test_masked_actions_in_policy_terms_and_updates():
     assert mask.gather(-1, batch.action[G].unsqueeze(-1)).all()  # exploration respects the mask
     alpha = torch.tensor(0.2)
     torch.manual_seed(6)
-    loss, value_target, entropy = algo.policy_terms(G, batch, alpha)
+    terms = algo.policy_terms(G, batch, alpha)
+    loss, value_target, entropy = terms.loss, terms.value_target, terms.entropy
     with torch.no_grad():
         torch.manual_seed(6)
         dist = algo.policy(G, batch.obs[G], batch.graph[G], mask)
@@ -491,7 +500,7 @@ def test_fixed_alpha_is_constant_and_scales_the_entropy_term_linearly():
     for alpha in (0.2, 0.4):
         torch.manual_seed(0)
         algo = vimarl.make_algo("vpp", env, alpha=alpha, **SMALL)
-        assert not algo.log_alpha.requires_grad and "alpha" not in algo.optimizers
+        assert not algo.log_alpha[G].requires_grad and "alpha" not in algo.optimizers
         torch.manual_seed(1)
         batch = sample_batch(env, algo)
         torch.manual_seed(2)
@@ -503,7 +512,7 @@ def test_fixed_alpha_is_constant_and_scales_the_entropy_term_linearly():
     torch.testing.assert_close(m4["loss_policy"] - m2["loss_policy"], -0.2 * m2["entropy"], atol=1e-6, rtol=1e-5)
     assert m2["alpha"].item() == pytest.approx(0.2) and m4["alpha"].item() == pytest.approx(0.4)
     for algo, alpha in ((a2, 0.2), (a4, 0.4)):
-        assert algo.log_alpha.item() == pytest.approx(math.log(alpha))
+        assert algo.log_alpha[G].item() == pytest.approx(math.log(alpha))
 
     # The same through policy_terms directly, on one set of networks.
     algo = a2
@@ -511,25 +520,25 @@ def test_fixed_alpha_is_constant_and_scales_the_entropy_term_linearly():
     for alpha in (0.2, 0.4):
         torch.manual_seed(5)
         values[alpha] = algo.policy_terms(G, batch, torch.tensor(alpha))
-    torch.testing.assert_close(values[0.4][0] - values[0.2][0], -0.2 * values[0.2][2], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(values[0.4].loss - values[0.2].loss, -0.2 * values[0.2].entropy, atol=1e-6, rtol=1e-5)
     # V target = E_p[Q] - alpha sum_a p log p, so it moves by 0.2 * sum_a p log p per agent.
     with torch.no_grad():
         dist = algo.policy(G, batch.obs[G], batch.graph[G])
         p_log_p = (dist.probs * dist.log_probs).sum(-1)
-    torch.testing.assert_close(values[0.2][1] - values[0.4][1], 0.2 * p_log_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[0.2].value_target - values[0.4].value_target, 0.2 * p_log_p, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("target_entropy, direction", [(100.0, 1), (-100.0, -1)])
 def test_auto_alpha_moves_towards_the_target_entropy(target_entropy, direction):
     env = grid_env(4)
     algo = vimarl.make_algo("vpp", env, auto_alpha=True, target_entropy=target_entropy, lr=0.01, **SMALL)
-    assert algo.log_alpha.requires_grad and "alpha" in algo.optimizers
+    assert algo.log_alpha[G].requires_grad and "alpha" in algo.optimizers
     assert algo.target_entropy == {G: target_entropy}
-    before = algo.log_alpha.item()
+    before = algo.log_alpha[G].item()
     metrics = algo.update(sample_batch(env, algo))
     assert 0 <= metrics["entropy"] <= math.log(2) + 1e-6
     assert metrics["alpha"].item() == pytest.approx(math.exp(before))  # the alpha used in this step
-    step = algo.log_alpha.item() - before
+    step = algo.log_alpha[G].item() - before
     assert step * direction > 0
     assert abs(step) == pytest.approx(0.01, rel=1e-3)  # Adam's first step is lr * sign(gradient)
 
@@ -747,3 +756,180 @@ def test_unknown_preset_is_a_one_line_error_naming_the_presets():
         resolve("ip", "coop_nav_n6", preset="papr")
     message = str(error.value)
     assert "\n" not in message and "papr" in message and "paper" in message
+
+
+# ---------------------------------------------------------------------------------------
+# Critic options of issue 20: pair critics, heads reading o_i, neighbour credit, stabilisers.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_pair_critic_matches_a_loop_over_edges(aggregation):
+    torch.manual_seed(21)
+    q = NeighborQ(6, 3, 8, 1, (16,), aggregation, action_embed_dim=5, neighbor_input="pair", read_obs=True).double()
+    obs, graph = random_inputs(2, 6, 6, 3, seed=22)
+    action = F.one_hot(torch.randint(0, 3, (2, 6)), 3).double()
+    with torch.no_grad():
+        out = q(obs, action, graph)
+        state = q.agent_state.states(obs, graph)[-1]
+        for b in range(2):
+            for i in range(6):
+                js = real_neighbors(graph, b, i)
+                pooled = torch.zeros(5, dtype=torch.float64)
+                for j in js:
+                    pooled += q.neighbor_embed(torch.cat([obs[b, i], obs[b, j] - obs[b, i], action[b, j]]))
+                if aggregation == "mean" and js:
+                    pooled /= len(js)
+                expected = q.head(torch.cat([obs[b, i], state[b, i], action[b, i], pooled]))[0]
+                torch.testing.assert_close(out[b, i], expected, atol=1e-12, rtol=0)
+
+
+def test_pair_critic_sees_where_a_neighbour_is_and_the_action_critic_does_not():
+    torch.manual_seed(23)
+    obs, graph = random_inputs(1, 5, 6, 3, seed=24)
+    action = F.one_hot(torch.randint(0, 3, (1, 5)), 3).double()
+    i = next(i for i in range(5) if real_neighbors(graph, 0, i))
+    j = real_neighbors(graph, 0, i)[0]
+    moved = obs.clone()
+    moved[0, j] += 1.0
+    for neighbor_input, sees in (("pair", True), ("action", False)):
+        q = NeighborQ(6, 3, 8, 0, (16,), neighbor_input=neighbor_input).double()  # no state propagation
+        with torch.no_grad():
+            changed = not torch.allclose(q(obs, action, graph)[0, i], q(moved, action, graph)[0, i])
+        assert changed == sees, neighbor_input
+
+
+def test_read_obs_widens_the_heads_only_with_propagation():
+    assert NeighborQ(6, 3, 8, 2, (16,), read_obs=True).head[0].in_features == 6 + 8 + 3 + 32
+    assert NeighborQ(6, 3, 8, 0, (16,), read_obs=True).head[0].in_features == 6 + 3 + 32  # s^0 is o_i
+    assert NeighborQ(6, 3, 8, 2, (16,)).head[0].in_features == 8 + 3 + 32
+
+
+@pytest.mark.parametrize("neighbor_input", ["action", "pair"])
+@pytest.mark.parametrize("aggregation", ["sum", "mean"])
+def test_neighbor_all_actions_replaces_one_slot_at_a_time(neighbor_input, aggregation):
+    torch.manual_seed(25)
+    q = NeighborQ(6, 4, 8, 1, (16,), aggregation, neighbor_input=neighbor_input, read_obs=True).double()
+    obs, graph = random_inputs(2, 7, 6, 3, seed=26)
+    action = F.one_hot(torch.randint(0, 4, (2, 7)), 4).double()
+    with torch.no_grad():
+        slots = q.neighbor_all_actions(obs, action, graph)
+        assert slots.shape == (2, 7, 3, 4)
+        base = q(obs, action, graph)
+        for b in range(2):
+            for i in range(7):
+                for k in range(3):
+                    if not graph.mask[b, i, k]:
+                        torch.testing.assert_close(slots[b, i, k], base[b, i].expand(4), atol=1e-12, rtol=0)
+                        continue
+                    j = graph.neighbors[b, i, k].item()
+                    for a in range(4):
+                        neighbor_action = action.clone()
+                        neighbor_action[b, j] = F.one_hot(torch.tensor(a), 4).double()
+                        expected = q(obs, action, graph, neighbor_action)[b, i]
+                        torch.testing.assert_close(slots[b, i, k, a], expected, atol=1e-12, rtol=0)
+
+
+def test_neighbor_expectation_gradient_adds_each_neighbours_credit():
+    """d loss / d logits_j = (own expectation term) - 1/(B N) sum_{(i, k): N_i[k] = j} p_j (Q_ik - E_pj[Q_ik]),
+    with Q_ik(a) = Q_i with slot k's action set to a; the loss value is the expectation mode's."""
+    algo, batch, _, logits = nav_policy_batch()
+    obs, graph = batch.obs[G], batch.graph[G]
+    alpha = torch.tensor(0.2)
+    original = inject_logits(algo, logits)
+    grads, losses = {}, {}
+    try:
+        for mode in ("expectation", "neighbor_expectation"):
+            algo.config.discrete_gradient = mode
+            torch.manual_seed(3)
+            losses[mode] = algo.policy_terms(G, batch, alpha).loss
+            (grads[mode],) = torch.autograd.grad(losses[mode], logits)
+        torch.manual_seed(3)
+        sampled = F.one_hot(Categorical(logits.detach()).sample().action, 5).float()
+    finally:
+        algo.policy.forward = original
+    torch.testing.assert_close(losses["neighbor_expectation"], losses["expectation"])
+    with torch.no_grad():
+        q_slots = algo.critics[G].q[0].neighbor_all_actions(obs, sampled, graph)
+        p = torch.softmax(logits, -1)
+        expected = torch.zeros_like(p)
+        for b in range(8):
+            for i in range(6):
+                for k in range(graph.k):
+                    if graph.mask[b, i, k]:
+                        j, q_ik = graph.neighbors[b, i, k], q_slots[b, i, k]
+                        expected[b, j] -= p[b, j] * (q_ik - (p[b, j] * q_ik).sum()) / (8 * 6)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(grads["neighbor_expectation"] - grads["expectation"], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_clipping_bounds_every_step_and_is_logged():
+    env = grid_env(4)
+    torch.manual_seed(0)
+    algo = vimarl.make_algo("vpp", env, **SMALL)
+    batch = sample_batch(env, algo)
+    clipped = copy.deepcopy(algo)
+    clipped.config = dataclasses.replace(algo.config, max_grad_norm=1e-3)
+    norms = {}
+    for name, model in (("plain", algo), ("clipped", clipped)):
+        torch.manual_seed(1)
+        norms[name] = model.update(batch)
+        # The gradients each optimiser stepped on are still in .grad: clipped to the norm, or not.
+        for optimizer in ("q", "policy", "value"):
+            params = [p for group in model.optimizers[optimizer].param_groups for p in group["params"]]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
+            if name == "clipped":
+                assert norm == pytest.approx(1e-3, rel=1e-4)
+            else:
+                assert norm == pytest.approx(norms[name][f"grad_norm_{optimizer}"].item(), rel=1e-5) and norm > 1e-3
+    # The logged norm is the one before clipping: equal on the first (identical) step.
+    assert norms["plain"]["grad_norm_q"].item() == pytest.approx(norms["clipped"]["grad_norm_q"].item(), rel=1e-5)
+
+
+def test_reward_scaling_and_running_normalisation_scale_the_q_target():
+    env = grid_env(4)
+    torch.manual_seed(0)
+    algo = vimarl.make_algo("vpp", env, **SMALL)
+    batch = sample_batch(env, algo, size=32)
+    batch.reward[G] = torch.randn_like(batch.reward[G]) * 3 + 1
+    assert algo.reward_multiplier(batch) == 1.0
+    algo.config.reward_scale = 0.5
+    assert algo.reward_multiplier(batch) == 0.5
+    algo.config.normalize_rewards = True
+    first = algo.reward_multiplier(batch)
+    std = batch.reward[G].double().std(unbiased=False).item()
+    assert first == pytest.approx(0.5 / std, rel=1e-9)
+    # A second batch: the running moments are those of both batches together.
+    other = copy.copy(batch)
+    other.reward = {G: batch.reward[G] * 2}
+    second = algo.reward_multiplier(other)
+    both = torch.cat([batch.reward[G].flatten(), other.reward[G].flatten()]).double()
+    assert second == pytest.approx(0.5 / both.std(unbiased=False).item(), rel=1e-9)
+    assert algo.state_dict()["reward_moments"][0].item() == both.numel()
+    # J_Q uses the scaled reward: with V_target = 0 the loss is that of Q towards scale * r.
+    with torch.no_grad():
+        for p in algo.critics[G].target_value.parameters():
+            p.zero_()
+        stored = F.one_hot(batch.action[G], 2).float()
+        q = algo.critics[G].q[0](batch.obs[G], stored, batch.graph[G])
+        expected = (0.5 * (q - 0.25 * batch.reward[G]).square()).mean()
+        torch.testing.assert_close(algo.q_loss(G, batch, 0.25), expected)
+
+
+def test_auto_alpha_is_per_group():
+    env = vimarl.make_env("hetero_nav", 2, groups="by_type")
+    algo = vimarl.make_algo("vpp", env, auto_alpha=True, target_entropy=100.0, lr=0.01, **SMALL)
+    assert set(algo.log_alpha) == set(env.groups) and len(env.groups) == 2
+    algo.update(sample_batch(env, algo))
+    for g in env.groups:  # each group's alpha took its own first Adam step up
+        assert algo.log_alpha[g].item() == pytest.approx(math.log(0.2) + 0.01, rel=1e-3)
+
+
+def test_update_logs_the_q_action_gap():
+    env = grid_env(4)
+    algo = vimarl.make_algo("vpp", env, **SMALL)
+    metrics = algo.update(sample_batch(env, algo))
+    assert metrics["q_action_gap"] >= 0 and torch.isfinite(metrics["q_action_gap"])
+    cont = vimarl.make_env("coop_nav_n3", 2, action_mode="continuous")
+    algo = vimarl.make_algo("vpp", cont, **SMALL)
+    assert "q_action_gap" not in algo.update(sample_batch(cont, algo))

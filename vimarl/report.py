@@ -254,9 +254,11 @@ def budget_lines(experiment: dict, cells: list[dict[str, Any]]) -> list[str]:
 
 # -- configurations ---------------------------------------------------------------------------
 def _shown_algo_field(name: str) -> bool:
-    """Learning rates, discount, target rate, widths, exploration and gradient clipping."""
-    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "temperature", "exploration")
-            or name.endswith("_lr") or name.startswith("epsilon_")
+    """Learning rates, discount, target rate, widths, exploration, gradient clipping, reward
+    scaling, critic design and the discrete policy gradient."""
+    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "temperature", "exploration", "discrete_gradient",
+                     "normalize_rewards")
+            or name.endswith("_lr") or name.startswith(("epsilon_", "reward_", "critic_"))
             or any(part in name for part in ("hidden", "units", "embed", "clip", "grad_norm")))
 
 

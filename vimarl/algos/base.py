@@ -8,6 +8,7 @@ An algorithm is a torch Module that owns its networks, target networks and optim
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,16 +88,20 @@ class Algorithm(nn.Module, ABC):
     def update(self, batch: Transition) -> dict[str, Tensor]:
         """One gradient step on a batch; returns detached scalar metrics (no host sync)."""
 
-    def optimize(self, name: str, loss: Tensor, max_grad_norm: float | None = None) -> None:
+    def optimize(self, name: str, loss: Tensor, max_grad_norm: float | None = None,
+                 measure_norm: bool = False) -> Tensor | None:
         """One step of optimiser `name` on `loss` (gradients cleared first, their norm clipped to
-        `max_grad_norm` when given)."""
+        `max_grad_norm` when given). Returns the gradient norm before clipping when it was
+        clipped or `measure_norm` asks for it, else None."""
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                           max_grad_norm)
+        norm = None
+        if max_grad_norm is not None or measure_norm:
+            norm = torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                                  math.inf if max_grad_norm is None else max_grad_norm)
         optimizer.step()
+        return norm
 
     @property
     def rollout_length(self) -> int | None:
