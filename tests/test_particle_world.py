@@ -175,6 +175,36 @@ def test_render_draws_the_entities():
     assert blue > 3 * math.pi * 10 ** 2  # three agents of radius > 10 pixels
 
 
+def test_render_keeps_the_view_of_an_episode_fixed():
+    from vimarl.envs.particle.controllers import CoopNavOracle
+    from vimarl.train import act
+
+    env = vimarl.make_env("coop_nav_n15", 2)
+    step = env.reset(seed=0)
+    env.render()
+    half, radius = env.view_half_width(), env.radius  # entities spawn in [-2.2, 2.2]^2
+    assert radius < half <= (radius + 0.15) * 1.1
+    oracle = CoopNavOracle(env)
+    for _ in range(env.max_steps - 1):  # the agents drive to their landmarks: one view throughout
+        step = env.step(act(oracle, step, explore=False))
+        env.render()
+        assert env.view_half_width() == half
+    env.world.position[0, 0] = torch.tensor([3 * radius, 0.0])  # an agent leaves the view: it grows
+    grown = env.view_half_width()
+    assert grown > 3 * radius
+    env.world.position[0, 0] = 0.0  # and does not shrink back within the episode
+    assert env.view_half_width() == grown
+    env.step({"agents": torch.zeros(2, 15, dtype=torch.long)})  # the last step: a new episode, a new view
+    assert env.episode_step[0] == 0 and env.view_half_width() < grown
+    views = [env.view_half_width()]
+    for t in range(env.max_steps - 1):  # random play wanders out of the spawn box: a few rescales, growing only
+        env.step({"agents": torch.randint(0, 5, (2, 15), generator=torch.Generator().manual_seed(t))})
+        views.append(env.view_half_width())
+    assert views == sorted(views) and len(set(views)) <= 3
+    env.reset(seed=0)  # reset(seed) restarts the episode counters and the view
+    assert env.view_half_width() == half
+
+
 def test_eval_records_a_particle_episode_as_a_gif(tmp_path):
     env = vimarl.make_env("coop_nav_n6", 1)
     algo = vimarl.make_algo("vpp", env)

@@ -64,19 +64,20 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _eval_policy(args: argparse.Namespace) -> None:
-    """`vimarl eval --policy NAME ENV`: a scripted controller (or uniform random actions) on ENV's
-    evaluation episodes; the default seed is that of every run's final evaluation, so the numbers
-    compare with `vimarl eval` of a trained run. Prints the return and the env's metrics (e.g. average travel time)."""
+    """`vimarl eval --policy NAME ENV`: a scripted controller (vimarl.envs.controllers) or uniform
+    random actions on ENV's evaluation episodes; the default seed is that of every run's final
+    evaluation, so the numbers compare with `vimarl eval` of a trained run. Prints the return and
+    the env's metrics (e.g. average travel time)."""
     from vimarl.algos.base import UniformPolicy
+    from vimarl.envs.controllers import scripted_policy
     from vimarl.envs.registry import make_env
-    from vimarl.envs.traffic.controllers import scripted_policy
     from vimarl.train import FINAL_EVAL_SEED, evaluate
     from vimarl.video import write_gif
 
     seed = FINAL_EVAL_SEED if args.seed is None else args.seed
     env = make_env(args.run_dir, args.episodes, seed, args.device)
     policy = (UniformPolicy(env.groups, seed) if args.policy == "uniform"
-              else scripted_policy(args.policy, args.run_dir, env.groups))
+              else scripted_policy(args.policy, env))
     metrics: dict = {}
     returns = evaluate(policy, env, seed, metrics=metrics)
     main = next(iter(returns.values())).double()
@@ -143,6 +144,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vimarl.envs.controllers import SCRIPTED_POLICIES
+
     parser = _Parser(prog="vimarl", description="Cooperative MARL as probabilistic inference.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -164,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gif", metavar="FILE", help="also record one episode as a GIF")
     evaluate.add_argument("--fps", type=int, default=4)
     evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--policy", choices=("fixed_time", "max_pressure", "uniform"),
+    evaluate.add_argument("--policy", choices=(*SCRIPTED_POLICIES, "uniform"),
                           help="evaluate a baseline instead of a run: `vimarl eval --policy max_pressure "
-                               "traffic_grid_4x4` (traffic signal controllers; uniform: random actions, any env)")
+                               "traffic_grid_4x4` (fixed_time, max_pressure: traffic signal controllers; oracle: "
+                               "coop_nav's agents driven to optimally assigned landmarks, from the true state; "
+                               "uniform: random actions, any env)")
     evaluate.set_defaults(handler=_eval)
 
     listing = commands.add_parser("list", help="algorithms and environments with their capabilities")

@@ -21,7 +21,7 @@ Choices the papers leave open (SEED_ALGOS.md), exposed or documented here:
   agent's own action, with the neighbours' actions a_Ni sampled and held fixed, so agent j gets
   no credit for its effect on the Q_i of the agents that list it;
   "neighbor_expectation" adds that credit exactly: for every i and every neighbour j in N_i,
-  E_{a_j~q_j}[Q_i(s, a_i, a_j, a_{Ni \ j})] with the other actions sampled, whose gradient
+  E_{a_j~q_j}[Q_i(s, a_i, a_j, a_{N_i minus j})] with the other actions sampled, whose gradient
   reaches q_j (an unbiased gradient of E_{a~prod q}[sum_i Q_i], at K A head evaluations per agent);
   "straight_through" samples every action with straight-through Gumbel-softmax, so agent j's
   policy also learns from Q_i of every i with j in N_i (`neighbor_action_gradient` switches that
@@ -306,7 +306,7 @@ class VPP(Algorithm):
                 expected_q = (distribution.probs * q_all).sum(-1)
                 action_gap = (q_all.amax(-1) - q_all.amin(-1)).mean().detach()
                 if mode == "neighbor_expectation":
-                    # sum_{j in N_i} sum_a q_j(a) Q_i(s, a_i, a_j = a, a_{Ni \ j}): its gradient reaches q_j.
+                    # sum_{j in N_i} sum_a q_j(a) Q_i(s, a_i, a_j = a, a_{N_i minus j}): its gradient reaches q_j.
                     q_slots = critics.q_neighbor_actions(obs, sampled, graph)
                     neighbor_probs = gather_neighbors(distribution.probs, graph)
                     neighbor_credit = ((neighbor_probs * q_slots).sum(-1) * graph.mask).sum(-1)

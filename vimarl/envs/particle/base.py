@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vimarl.envs import rng
-from vimarl.envs.base import BatchedEnv, Box, Discrete, GroupSpec, GroupStep
+from vimarl.envs.base import BatchedEnv, Box, Discrete, GroupSpec, GroupStep, TimeStep
 from vimarl.envs.graph import (
     DynamicGraph,
     Graph,
@@ -248,13 +248,37 @@ class ParticleEnv(BatchedEnv):
     colors: np.ndarray | None = None
     """[E, 3] uint8 colours; scenarios may set it, otherwise agents are blue and the rest grey."""
 
+    camera: tuple[int, float] | None = None
+    """(episode index, half-width) of sub-environment 0's camera; None until the first render of
+    an episode (`reset` clears it)."""
+
+    def reset(self, seed: int | None = None) -> TimeStep:
+        self.camera = None  # a reset with a seed restarts the episode counters
+        return super().reset(seed)
+
+    def view_half_width(self, position: np.ndarray | None = None) -> float:
+        """Half-width of sub-environment 0's square view, centred on the origin and fixed for an
+        episode, so that a GIF does not rescale from frame to frame: 1.1 x the extent of the
+        entities at the episode's first render (the spawn extent, at least 1), grown to 1.25 x the
+        extent when an entity leaves the view (random play: one to three times an episode),
+        never shrunk within the episode."""
+        if position is None:
+            position = self.world.position[0].cpu().numpy()
+        extent = float(np.abs(position).max()) + float(self.world.size.max())
+        episode = int(self.episode_index[0])
+        if self.camera is None or self.camera[0] != episode:
+            self.camera = (episode, 1.1 * max(1.0, extent))
+        elif extent > self.camera[1]:
+            self.camera = (episode, 1.25 * extent)
+        return self.camera[1]
+
     def render(self, resolution: int = 400) -> np.ndarray:
-        """Sub-environment 0 as an RGB image, the view fitted around every entity."""
+        """Sub-environment 0 as an RGB image, in a view fixed for the episode (`view_half_width`)."""
         position = self.world.position[0].cpu().numpy()
         size = self.world.size.cpu().numpy()
         colors = self.colors if self.colors is not None else np.array(
             [[60, 90, 220]] * self.world.n_agents + [[120, 120, 120]] * (len(size) - self.world.n_agents))
-        half = max(1.0, float(np.abs(position).max() + size.max())) * 1.05
+        half = self.view_half_width(position)
         scale = resolution / (2 * half)
         image = np.full((resolution, resolution, 3), 255, dtype=np.uint8)
         ys, xs = np.mgrid[0:resolution, 0:resolution]

@@ -1,7 +1,8 @@
 """Scripted signal controllers, usable wherever `vimarl.train.evaluate` takes an algorithm.
 
 Both read only the agents' observations (layout in `TrafficSignalEnv._observe`), so they work on
-any traffic env instance and batch size, like `vimarl.algos.base.UniformPolicy`:
+any traffic env instance and batch size, like `vimarl.algos.base.UniformPolicy`; by name
+(`vimarl eval --policy fixed_time ENV`) through `vimarl.envs.controllers.SCRIPTED_POLICIES`:
 
     from vimarl.envs.traffic import MaxPressurePolicy
     returns = evaluate(MaxPressurePolicy(env.groups), env, seed=0)
@@ -13,24 +14,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vimarl.algos.base import Algorithm
-from vimarl.envs.base import GroupSpec
+from vimarl.envs.base import BatchedEnv, GroupSpec
+from vimarl.envs.controllers import ScriptedPolicy, env_name
 from vimarl.envs.traffic.env import ELAPSED_SCALE, OBS_DIM
 from vimarl.envs.traffic.network import N_PHASES, RIGHT, STANDARD_PHASES, turn_direction
-from vimarl.errors import VimarlError, unknown
+from vimarl.errors import VimarlError
 
 PHASE, YELLOW, ELAPSED, QUEUE, OUT = slice(0, 8), 8, 9, slice(10, 22), slice(34, 38)
 """Observation fields the controllers read."""
 
 
-class _Scripted(nn.Module):
-    execution = Algorithm.execution  # nothing to set up for deployment
+class _Scripted(ScriptedPolicy):
+    """A signal controller: one phase per intersection from its own observation."""
 
-    def __init__(self, groups: dict[str, GroupSpec]):
-        super().__init__()
-        self.groups = groups
+    @classmethod
+    def check(cls, env: BatchedEnv, name: str) -> None:
+        """Both controllers read the traffic observation layout and choose among its phases."""
+        spec = env.groups.get("agents")
+        if (len(env.groups) != 1 or spec is None or spec.obs_dim != OBS_DIM
+                or getattr(spec.action_space, "n", None) != N_PHASES):
+            raise VimarlError(f"policy '{name}' controls traffic signals; env '{env_name(env)}' is not a traffic env "
+                              "(traffic_grid_NxN, traffic_cityflow, sumo_grid_NxN, sumo_net)")
 
     def act(self, obs, graph, *, explore, action_mask=None, state=None) -> dict[str, Tensor]:
         return {g: self.choose(obs[g]) for g in self.groups}
@@ -97,18 +103,3 @@ class MaxPressurePolicy(_Scripted):
         held = torch.round(obs[..., ELAPSED] * ELAPSED_SCALE)
         return torch.where(held >= self.min_green_seconds, best, current)
 
-
-SCRIPTED_POLICIES = {"fixed_time": FixedTimePolicy, "max_pressure": MaxPressurePolicy}
-"""The controllers by the names `vimarl eval --policy NAME ENV` knows them."""
-
-
-def scripted_policy(name: str, env_name: str, groups: dict[str, GroupSpec]) -> _Scripted:
-    """SCRIPTED_POLICIES[name] with its defaults for a traffic env's groups; a one-line error for
-    an env whose observations are not the traffic layout (both controllers read them)."""
-    if name not in SCRIPTED_POLICIES:
-        raise unknown("policy", name, SCRIPTED_POLICIES)
-    spec = groups.get("agents")
-    if len(groups) != 1 or spec is None or spec.obs_dim != OBS_DIM or getattr(spec.action_space, "n", None) != N_PHASES:
-        raise VimarlError(f"policy '{name}' controls traffic signals; env '{env_name}' is not a traffic env "
-                          f"(traffic_grid_NxN, traffic_cityflow, sumo_grid_NxN, sumo_net)")
-    return SCRIPTED_POLICIES[name](groups)
