@@ -15,7 +15,8 @@ from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 from vimarl.report import report
 from vimarl.stats import iqm_interval, run_score
-from vimarl.sweep import SOCKET_PATH_LIMIT, _ray_temp_dir, expand, experiment_names, load_experiment, sweep
+from vimarl.sweep import (ARCHIVED_RUN_FILES, SOCKET_PATH_LIMIT, _ray_temp_dir, archive, expand, experiment_names,
+                          load_experiment, read_ledger, sweep)
 from vimarl.train import train_from_cli
 
 TINY = Path(__file__).parent / "data" / "tiny_experiment.yaml"
@@ -257,3 +258,26 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     assert "holds no sweep.json" in one_line_error(capsys, ["report", str(tmp_path)])
     assert "no cells" in one_line_error(capsys, ["sweep", str(TINY), "--only", "nothing", "--out", str(tmp_path / "o")])
     assert "--workers" in one_line_error(capsys, ["sweep", str(TINY), "--workers", "0"])
+
+
+def test_archive_keeps_finished_runs_and_a_restored_sweep_reports_and_resumes(swept, tmp_path):
+    out = tmp_path / "moved"
+    shutil.copytree(swept, out)
+    unfinished = next(c for c in expand(load_experiment(TINY), "cpu", out) if c.key == "grid2/vpp-s1")
+    shutil.rmtree(unfinished.run_dir)  # as if it had not finished
+    kept = tmp_path / "archive"
+    assert archive(out, kept) == 3
+    assert sorted(p.name for p in (kept / "grid3" / "vpp-s0").iterdir()) == sorted(ARCHIVED_RUN_FILES)
+    assert not (kept / "grid2" / "vpp-s1").exists() and not list(kept.rglob("*.pt"))
+
+    # A later session: the archive copied to another place reads with its own run folders.
+    restored = tmp_path / "restored"
+    shutil.copytree(kept, restored)
+    ledger = read_ledger(restored)
+    assert all(c["run_dir"].startswith(str(restored)) for c in ledger["cells"])
+    report_path = report(restored, tmp_path / "report.md")
+    assert "3 of 4 finished" in report_path.read_text()
+    finished = {p: p.stat().st_mtime_ns for p in restored.glob("*/vpp-s*/metrics.csv")}
+    sweep(TINY, out=restored, only="*/vpp-*", resume=True, **QUIET)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the archived runs are not rerun
+    assert read_metrics(restored / "grid2" / "vpp-s1" / "metrics.csv")[-1]["env_steps"] == 64

@@ -138,6 +138,13 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report written to {report(args.sweep_dir, args.out)}", file=sys.stderr)
 
 
+def _archive(args: argparse.Namespace) -> None:
+    from vimarl.sweep import archive, read_ledger
+
+    dest = args.dest or f"docs/results/{read_ledger(args.sweep_dir)['experiment']}/runs"
+    print(f"{archive(args.sweep_dir, dest)} finished runs archived in {dest}", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other vimarl error
         raise VimarlError(f"{message} (see vimarl {self.prog.split()[-1]} --help)")
@@ -211,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     reporting.add_argument("sweep_dir", help="the --out folder of a vimarl sweep")
     reporting.add_argument("--out", default=None, help="markdown file (default docs/results/<experiment>.md)")
     reporting.set_defaults(handler=_report)
+
+    archiving = commands.add_parser("archive", help="keep a sweep's finished runs (ledger, metrics, configs) in git")
+    archiving.add_argument("sweep_dir", help="the --out folder of a vimarl sweep")
+    archiving.add_argument("dest", nargs="?", default=None,
+                           help="target folder (default docs/results/<experiment>/runs); restore with "
+                                "`cp -r DEST runs/sweeps/NAME-SCALE` and `vimarl sweep NAME --resume --out runs/sweeps/NAME-SCALE`")
+    archiving.set_defaults(handler=_archive)
     return parser
 
 

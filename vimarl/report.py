@@ -353,7 +353,11 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     # The summary is made afresh from the runs as they stand, so that a sweep stopped part-way (or
     # one whose ledger predates its last cells) is reported from exactly the runs that finished.
-    finished = [Cell(**{**c, "status": "done" if is_finished(Cell(**c)) else c["status"]}) for c in ledger["cells"]]
+    # A cell the ledger marks done whose run folder no longer reaches its budget (e.g. not kept by
+    # `vimarl archive`) counts as missing.
+    finished = [Cell(**{**c, "status": "done" if is_finished(Cell(**c)) else
+                        "missing" if c["status"] == "done" and c.get("total_steps") is not None else c["status"]})
+                for c in ledger["cells"]]
     summary = summarise(sweep_dir, {**experiment, "name": name}, finished)
     cells = [asdict(cell) for cell in finished]
     done = sum(c["status"] == "done" for c in cells)

@@ -444,10 +444,45 @@ def write_ledger(sweep_dir: Path, header: dict, cells: list[Cell]) -> None:
 
 
 def read_ledger(sweep_dir: str | Path) -> dict:
+    """The ledger, each cell's run_dir taken to be SWEEP_DIR/<env>/<label>-s<seed> (where the
+    sweep put it), so that a sweep folder that was moved or restored from an archive still reads."""
     path = Path(sweep_dir) / LEDGER
     if not path.exists():
         raise VimarlError(f"{sweep_dir} holds no {LEDGER}; pass the --out folder of a vimarl sweep")
-    return json.loads(path.read_text())
+    ledger = json.loads(path.read_text())
+    for cell in ledger["cells"]:
+        cell["run_dir"] = str(Path(sweep_dir).absolute() / cell["env_label"] / f"{cell['label']}-s{cell['seed']}")
+    return ledger
+
+
+ARCHIVED_RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
+"""What `archive` keeps of a finished run: enough for `vimarl report` and `vimarl sweep --resume`."""
+
+
+def archive(sweep_dir: str | Path, dest: str | Path) -> int:
+    """Copy a sweep's ledger, its experiment file and, for every finished cell, the run files
+    that reports and resumption read (no checkpoints, logs or figures: a few KB a run) into
+    `dest`, to keep them in git between sessions; returns the number of runs copied. Restore
+    with `cp -r DEST runs/sweeps/NAME-SCALE` and continue with `vimarl sweep NAME --resume
+    --out runs/sweeps/NAME-SCALE` (finished cells are skipped, the others start afresh)."""
+    sweep_dir, dest = Path(sweep_dir), Path(dest)
+    ledger = read_ledger(sweep_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (LEDGER, LEDGER_CSV, EXPERIMENT_COPY):
+        if (sweep_dir / name).exists():
+            shutil.copyfile(sweep_dir / name, dest / name)
+    copied = 0
+    for cell in ledger["cells"]:
+        run = Cell(**cell)
+        if not is_finished(run):
+            continue
+        target = dest / run.env_label / f"{run.label}-s{run.seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED_RUN_FILES:
+            if (Path(run.run_dir) / name).exists():
+                shutil.copyfile(Path(run.run_dir) / name, target / name)
+        copied += 1
+    return copied
 
 
 def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local", workers: int = 2,
