@@ -208,6 +208,27 @@ def test_mfq_mean_field_value_target():
     assert math.isclose(float(algo.update(batch)["loss_q"]), (1.0 + 0.5 * v) ** 2, rel_tol=1e-5)
 
 
+def test_mfq_with_every_action_of_an_agent_masked_stays_finite():
+    """Issue 21 item 8: finfo.min / temperature overflowed to -inf, so a fully masked agent's
+    Boltzmann policy was softmax(-inf, ..., -inf) = NaN, which spread through abar and the loss."""
+    algo = MFQ(spec(n=3, obs=2, actions=3, graph_k=2), 0, MFQConfig(temperature=0.1, exploration="boltzmann"))
+    constant_q(algo.policy, [0.0, 1.0, 2.0])
+    constant_q(algo.target_policy, [0.0, 1.0, 2.0])
+    mask = torch.tensor([[[True, True, False], [False, False, False], [True, True, True]]])
+    probs = algo.boltzmann(torch.tensor([[[0.0, 1.0, 2.0]] * 3]), mask)
+    assert torch.equal(probs[0, 1], torch.zeros(3))  # no available action: adds nothing to abar
+    torch.testing.assert_close(probs[0, 0], torch.softmax(torch.tensor([0.0, 10.0, -math.inf]), 0))
+    torch.testing.assert_close(probs[0, 2], torch.softmax(torch.tensor([0.0, 10.0, 20.0]), 0))
+    graph = Graph(torch.tensor([[[1, 2], [0, 2], [0, 1]]]), torch.ones(1, 3, 2, dtype=torch.bool))
+    obs = {G: torch.randn(1, 3, 2)}
+    actions = algo.act(obs, {G: graph}, explore=True, action_mask={G: mask})[G]
+    assert actions[0, 0] in (0, 1)
+    batch = batch_of(1, 3, 2, torch.ones(1, 3), torch.zeros(1), graph=graph)
+    batch.action_mask, batch.next_action_mask = {G: mask}, {G: mask}
+    metrics = algo.update(batch)
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
 # -- capabilities, configuration and training -----------------------------------------------------
 @pytest.mark.parametrize("name", VALUE_BASED)
 def test_continuous_env_gives_the_one_line_error(name):

@@ -107,9 +107,22 @@ class MFQ(QLearner):
         super().__init__(groups, state_dim, config, device)
         self.build(MeanFieldQ(self.spec, config.hidden_dim))
 
+    def logits(self, q: Tensor, action_mask: Tensor | None) -> Tensor:
+        """beta Q_j with unavailable actions at the dtype's minimum (after the division, which would
+        overflow it to -inf); an agent with no available action gets all zeros (a uniform choice
+        the env ignores) rather than a row of -inf, whose softmax is NaN."""
+        logits = q / self.config.temperature
+        if action_mask is None:
+            return logits
+        logits = masked_q(logits, action_mask)
+        return torch.where(action_mask.any(-1, keepdim=True), logits, torch.zeros_like(logits))
+
     def boltzmann(self, q: Tensor, action_mask: Tensor | None) -> Tensor:
-        """pi_j(. | s, abar_j) = softmax(beta Q_j) over the available actions (Eq. 8)."""
-        return torch.softmax(masked_q(q, action_mask) / self.config.temperature, dim=-1)
+        """pi_j(. | s, abar_j) = softmax(beta Q_j) over the available actions (Eq. 8); all zeros for
+        an agent with no available action, which then adds nothing to its neighbours' abar (as
+        `uniform_policy`)."""
+        probs = torch.softmax(self.logits(q, action_mask), dim=-1)
+        return probs if action_mask is None else probs * action_mask.any(-1, keepdim=True)
 
     def mean_field(self, network: nn.Module, obs: Tensor, graph: Graph, action_mask: Tensor | None
                    ) -> tuple[Tensor, Tensor]:
@@ -127,8 +140,7 @@ class MFQ(QLearner):
         mask = (action_mask or {}).get(g)
         q, _ = self.mean_field(self.policy, obs[g], graph[g], mask)
         if explore and self.config.exploration == "boltzmann":
-            logits = masked_q(q, mask) / self.config.temperature
-            return {g: torch.distributions.Categorical(logits=logits).sample()}
+            return {g: torch.distributions.Categorical(logits=self.logits(q, mask)).sample()}
         return {g: epsilon_greedy(q, self.epsilon() if explore else 0.0, mask)}
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
