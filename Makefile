@@ -37,11 +37,13 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # Default experiment: VPP on cooperative navigation with 6 agents (PIC coop_nav_n6). Writes curves
-# (metrics.csv, curve.png), a checkpoint, summary.json and an episode GIF into $(RUN_DIR).
+# (metrics.csv, curve.png), a checkpoint, summary.json and an episode GIF into $(RUN_DIR), then
+# prints one line: the final return beside uniform random actions and the oracle on the same episodes.
 run: $(VENV)/.installed
 	rm -rf $(RUN_DIR)  # the default experiment starts afresh each time
 	$(BIN)/vimarl train vpp coop_nav_n6 out=$(RUN_DIR) $(RUN_ARGS)
 	$(BIN)/vimarl eval $(RUN_DIR) --episodes 20 --gif $(RUN_DIR)/episode.gif --fps 8
+	$(BIN)/vimarl summary $(RUN_DIR)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

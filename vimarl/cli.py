@@ -1,4 +1,4 @@
-"""The `vimarl` command: train | eval | list | plot | sweep | report. Errors print one line, never a traceback."""
+"""The `vimarl` command: train | eval | summary | list | plot | sweep | report. Errors print one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -42,12 +42,14 @@ def _eval(args: argparse.Namespace) -> None:
     seed = FINAL_EVAL_SEED if args.seed is None else args.seed  # the trainer's final evaluation episodes
     env = make_env(run.env, args.episodes, seed, args.device, config=run.env_config)
     deterministic = run.train.eval_deterministic if args.sample is None else not args.sample
-    returns = evaluate(algo, env, seed, deterministic)
+    metrics: dict = {}
+    returns = evaluate(algo, env, seed, deterministic, metrics=metrics)
     main = next(iter(returns.values())).double()
     result = {"run": str(args.run_dir), "algo": run.algo, "env": run.env,
               "env_steps": content["counters"]["env_steps"], "episodes": args.episodes,
               "deterministic": deterministic,
-              "return_mean": main.mean().item(), "return_std": main.std(unbiased=False).item()}
+              "return_mean": main.mean().item(), "return_std": main.std(unbiased=False).item(),
+              **{k: v.double().mean().item() for k, v in metrics.items()}}
     if len(returns) > 1:
         result["return_by_group"] = {g: r.double().mean().item() for g, r in returns.items()}
     modes = algo.evaluation_modes()  # e.g. VM3-AC's z = 0 and shared-seed executions
@@ -89,6 +91,36 @@ def _eval_policy(args: argparse.Namespace) -> None:
         evaluate(policy, make_env(args.run_dir, 1, seed, args.device), seed, frames=frames)
         result["gif"] = str(write_gif(frames, Path(args.gif), fps=args.fps))
     print(json.dumps(result))
+
+
+REFERENCE_LABELS = {"uniform": "uniform random"}
+"""How `vimarl summary` names a reference policy (otherwise by its SCRIPTED_POLICIES name)."""
+
+
+def summary_line(summary: dict) -> str:
+    """One line from a run's summary.json: the final evaluation's return, the reference policies'
+    returns on the same episodes and, with an oracle, the share of the way from random to it."""
+    line = (f"{summary['algo']} on {summary['env']} after {summary['env_steps']:,} env steps: final return "
+            f"{summary['eval_return_mean']:.1f} +- {summary['eval_return_std']:.1f} "
+            f"({summary['eval_episodes']} episodes)")
+    references = summary.get("reference_returns") or {}
+    if references:
+        line += "; on the same episodes " + ", ".join(f"{REFERENCE_LABELS.get(name, name)} {value:.1f}"
+                                                      for name, value in references.items())
+    if "oracle_fraction" in summary:
+        line += f"; the run covers {100 * summary['oracle_fraction']:.0f}% of the way from uniform random to oracle"
+    return line
+
+
+def _summary(args: argparse.Namespace) -> None:
+    path = Path(args.run_dir) / "summary.json"
+    if not path.is_file():
+        raise VimarlError(f"{path} does not exist; pass the out= directory of a finished vimarl train run")
+    try:
+        summary = json.loads(path.read_text())
+        print(summary_line(summary))
+    except (ValueError, KeyError, TypeError) as error:
+        raise VimarlError(f"{path} is not a vimarl run summary ({type(error).__name__}: {error})") from None
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -180,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "coop_nav's agents driven to optimally assigned landmarks, from the true state; "
                                "uniform: random actions, any env)")
     evaluate.set_defaults(handler=_eval)
+
+    summary = commands.add_parser("summary", help="one line from a run's summary.json: its final return beside "
+                                  "uniform random actions and the env's scripted controllers (e.g. the oracle)")
+    summary.add_argument("run_dir", help="the out= directory of a vimarl train run")
+    summary.set_defaults(handler=_summary)
 
     listing = commands.add_parser("list", help="algorithms and environments with their capabilities")
     listing.set_defaults(handler=_list)

@@ -73,6 +73,12 @@ class TrainConfig:
     """Episodes of the final evaluation at the end of the run (at least eval_episodes), from a stream of
     their own (DESIGN §9.3: at least 100 for the score a comparison uses); 0 makes the last periodic
     evaluation the final one."""
+    reference_policies: bool = True
+    """At the end of the run, also play the final evaluation's episodes with uniformly random actions
+    and with every scripted controller that drives the env (coop_nav's oracle; traffic's fixed_time
+    and max_pressure) and write their returns into summary.json (`reference_returns`, with
+    `oracle_fraction` = (run - uniform) / (oracle - uniform) where an oracle exists). Costs about one
+    final evaluation per policy, once; sweeps may turn it off."""
     eval_deterministic: bool = True
     """Report the most probable actions as eval_return_mean; false reports the sampled ones there (for
     games where agents with identical inputs agree trivially under argmax, such as grid_coordination).

@@ -9,7 +9,10 @@ both the deterministic and the sampled policy. Its initial states come from a he
 evaluation k (at env step k * eval_every) resets with `eval_seed(k)`, which depends neither on the
 run's seed nor on the algorithm, so every arm and seed of a comparison meets the same fresh
 episodes at the same index and no evaluation replays another's or training's. The run ends with a
-final evaluation of `final_eval_episodes` episodes from a stream of its own (FINAL_EVAL_SEED).
+final evaluation of `final_eval_episodes` episodes from a stream of its own (FINAL_EVAL_SEED), and
+(`reference_policies`) the same episodes played by uniformly random actions and by every scripted
+controller that drives the env (`reference_returns`), whose returns summary.json states beside the
+run's.
 Returns are logged per group (`eval_return/<group>`, `train_return/<group>`); `eval_return_mean`
 and `train_return_mean` are the first learned group's, the team a comparison tests.
 """
@@ -32,9 +35,11 @@ from torch import Tensor
 
 from vimarl import checkpoint
 from vimarl.algos import Algorithm, make_algo
+from vimarl.algos.base import UniformPolicy
 from vimarl.buffer import ReplayBuffer, TransitionCodec
 from vimarl.config import RunConfig, TrainConfig, parse_overrides, resolve, run_config_from_dict
 from vimarl.envs.base import BatchedEnv, TimeStep
+from vimarl.envs.controllers import SCRIPTED_POLICIES, scripted_policy
 from vimarl.envs.registry import make_env
 from vimarl.errors import TrainingInterrupted, VimarlError
 from vimarl.logging import MetricsLog
@@ -49,7 +54,8 @@ between evaluations either."""
 FINAL_EVAL_SEED = 2_000_000_011
 """Seed of the final evaluation's episodes (below 2**31 for external simulators' seeds)."""
 RESUMABLE_CHANGES = {"total_steps", "progress", "tensorboard", "checkpoint_every", "keep_checkpoints",
-                     "eval_every", "final_eval_episodes", "torch_threads", "reuse_freed_memory", "device"}
+                     "eval_every", "final_eval_episodes", "reference_policies", "torch_threads", "reuse_freed_memory",
+                     "device"}
 """Trainer fields that may change on --resume without breaking exact continuation."""
 
 
@@ -278,10 +284,12 @@ class Trainer:
     def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float],
                           final: bool = False):
         env, seed = self._evaluation_env(final)
-        env_metrics: dict[str, Tensor] = {}
-        policies = {"deterministic": evaluate(self.algo, env, seed, True, metrics=env_metrics),
-                    "sampled": evaluate(self.algo, env, seed, False)}
-        returns = policies["deterministic" if self.config.eval_deterministic else "sampled"]
+        env_metrics: dict[str, Tensor] = {}  # those of the reported policy, like eval_return_mean
+        deterministic = self.config.eval_deterministic
+        policies = {"deterministic": evaluate(self.algo, env, seed, True,
+                                              metrics=env_metrics if deterministic else None),
+                    "sampled": evaluate(self.algo, env, seed, False, metrics=None if deterministic else env_metrics)}
+        returns = policies["deterministic" if deterministic else "sampled"]
         main = _first_group(returns)
         self.wall_s = time.perf_counter() - started
         steps_since, seconds_since = self.env_steps - last_row[0], self.wall_s - last_row[1]
@@ -322,6 +330,15 @@ class Trainer:
             "eval_return_mean": mean, "eval_return_std": std,
             "eval_episodes": self.final_eval_episodes if self.config.final_eval_episodes else self.config.eval_episodes,
         }
+        if self.config.reference_policies:
+            env, seed = self._evaluation_env(final=self.config.final_eval_episodes > 0)
+            references = reference_returns(env, seed, next(iter(self.algo.groups)))
+            summary["reference_returns"] = {name: value for name, (value, _) in references.items()}
+            metrics = {name: found for name, (_, found) in references.items() if found}
+            if metrics:
+                summary["reference_metrics"] = metrics
+            if "oracle" in references:
+                summary["oracle_fraction"] = oracle_fraction(mean, summary["reference_returns"])
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -365,6 +382,37 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.random_actions.set_state(rng["random_actions"])
         self.last_eval = content.get("last_eval")
+
+
+def reference_returns(env: BatchedEnv, seed: int, group: str) -> dict[str, tuple[float, dict[str, float]]]:
+    """{policy: (mean return of `group`, mean env metrics)} of the reference policies on the
+    episodes `env` plays from `seed`: "uniform" (uniformly random actions,
+    `UniformPolicy(env.groups, seed)`, as `vimarl eval --policy uniform`) and every scripted
+    controller of `SCRIPTED_POLICIES` whose `check` accepts the env (e.g. "oracle" on coop_nav,
+    "fixed_time" and "max_pressure" on traffic), each played deterministically."""
+    uniform = UniformPolicy(env.groups, seed)
+    if env.device.type != "cpu":  # its CPU generator cannot draw on another device
+        uniform.generator = torch.Generator(device=env.device).manual_seed(seed)
+    policies: dict[str, Any] = {"uniform": uniform}
+    for name in SCRIPTED_POLICIES:
+        try:
+            policies[name] = scripted_policy(name, env).to(env.device)
+        except VimarlError:  # a controller of another env family
+            continue
+    results = {}
+    for name, policy in policies.items():
+        metrics: dict[str, Tensor] = {}
+        returns = evaluate(policy, env, seed, metrics=metrics)
+        results[name] = (returns[group].cpu().double().mean().item(),
+                         {k: v.double().mean().item() for k, v in metrics.items()})
+    return results
+
+
+def oracle_fraction(run_return: float, references: dict[str, float]) -> float:
+    """(run - uniform) / (oracle - uniform): the share of the way from uniformly random actions to
+    the oracle that the run covers (1 = as good as the oracle; NaN when the two coincide)."""
+    gap = references["oracle"] - references["uniform"]
+    return (run_return - references["uniform"]) / gap if gap else math.nan
 
 
 def _first_group(returns: dict[str, Tensor]) -> Tensor:
@@ -481,4 +529,4 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algo
     return run, algo, content
 
 
-__all__ = ["Trainer", "evaluate", "fill_replay", "load_trained", "train"]
+__all__ = ["Trainer", "evaluate", "fill_replay", "load_trained", "oracle_fraction", "reference_returns", "train"]

@@ -19,6 +19,16 @@ Rewards, with d(l) = min_a |p_a - l| and C = the ordered pairs of agents closer 
   function of the distances between agents", chosen to dominate r1; w = `violation_weight`).
   In team mode every agent gets R + sum_i r2_i, the sum of the local rewards.
 
+Episode metrics, in the `info` of every step ([B] floats, each sub-environment's episode so far,
+taken before any auto-reset, so the step that ends an episode carries its final values;
+`vimarl.train.evaluate` logs them as eval_team_return, eval_coverage_distance, eval_collisions):
+- team_return: sum over the episode's steps of N * R_t, with R_t = -sum_l d(l) - C the team reward
+  above, without the violation term. It is the return a team-reward run logs, N times the one a
+  local-reward run logs, whatever `reward` and `violation` say: the number to compare across them.
+- coverage_distance: the mean over landmarks of d(l) after the step (at an episode's end: its
+  last state).
+- collisions: the ordered colliding pairs C summed over the episode's steps.
+
 Departures from PIC: landmark placement (see `PICEnv.poisson_disc`), and N = 6, whose file used
 the original per-agent reward (-sum_l d(l) - #{a : |p_a - p_i| < 0.3}, self included): here
 every N gets the team reward above.
@@ -33,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vimarl.envs.base import TimeStep
 from vimarl.envs.particle.base import AgentGroup
 from vimarl.envs.particle.geometry import pairwise_distance
 from vimarl.envs.particle.pic import DEFAULT_SIZE, Order, PICConfig, PICEnv, nearest, table_row
@@ -93,6 +104,16 @@ class CoopNavConfig(PICConfig):
 class CoopNav(PICEnv):
     Config = CoopNavConfig
 
+    def __init__(self, config: CoopNavConfig, num_envs: int, seed: int = 0, device="cpu"):
+        super().__init__(config, num_envs, seed, device)
+        self.episode_team_return = torch.zeros(num_envs, device=self.device)
+        """[B] sum of N * R_t over the current episode's steps so far."""
+        self.episode_collisions = torch.zeros(num_envs, device=self.device)
+        """[B] colliding ordered pairs summed over the current episode's steps so far."""
+        self.last_metrics: dict[str, Tensor] = {}
+        """The episode metrics after the last step, before any auto-reset."""
+        self._team_terms: tuple[Tensor, Tensor] | None = None  # [B, L] d(l), [B] C of the last rewards()
+
     def make_world(self) -> World:
         n = self.config.n_agents
         self.row, radius_scale = table_row(TABLE, n)
@@ -123,12 +144,49 @@ class CoopNav(PICEnv):
             landmarks = self.uniform(env_ids, episode_ids, (n, 2), -radius, radius, stream=1)
         return torch.cat([agents, landmarks], dim=1)
 
+    def _reset_envs(self, env_mask: Tensor) -> None:
+        super()._reset_envs(env_mask)
+        self.episode_team_return.masked_fill_(env_mask, 0.0)
+        self.episode_collisions.masked_fill_(env_mask, 0.0)
+
+    def _step(self, actions: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        rewards, terminated = super()._step(actions)  # rewards() left this step's d(l) and C
+        distance, collisions = self._team_terms
+        n = self.config.n_agents
+        self.episode_team_return += n * (-distance.sum(-1) - collisions)
+        self.episode_collisions += collisions
+        self.last_metrics = {"team_return": self.episode_team_return.clone(),
+                             "coverage_distance": distance.mean(-1),
+                             "collisions": self.episode_collisions.clone()}  # before any auto-reset
+        return rewards, terminated
+
+    def step(self, actions: dict[str, Tensor]) -> TimeStep:
+        """The base step, with the episode metrics (team_return, coverage_distance, collisions; [B],
+        before any auto-reset) in info."""
+        step = super().step(actions)
+        step.info.update(self.last_metrics)
+        return step
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["episode_metrics"] = {"team_return": self.episode_team_return.clone(),
+                                    "collisions": self.episode_collisions.clone()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("episode_metrics")  # absent from older checkpoints: the sums restart at 0
+        for name, attribute in (("team_return", "episode_team_return"), ("collisions", "episode_collisions")):
+            value = saved[name].to(self.device, copy=True) if saved else torch.zeros(self.num_envs, device=self.device)
+            setattr(self, attribute, value)
+
     def rewards(self) -> dict[str, Tensor]:
         config, n = self.config, self.config.n_agents
         agents, landmarks = self.position[:, :n], self.position[:, n:]
         nearest_agent, coverage_distance = k_nearest(landmarks, agents, 1)  # [B, L, 1], O(N) for large N
         coverage = torch.zeros_like(agents[..., 0]).scatter_add_(1, nearest_agent[..., 0], -coverage_distance[..., 0])
         collisions = count_within(agents, agents, 2 * AGENT_SIZE, exclude_self=True)
+        self._team_terms = (coverage_distance[..., 0], collisions.sum(-1).to(coverage.dtype))
         local = coverage - collisions
         if config.violation:  # the log distances to every other agent are O(N^2) by definition
             is_self = torch.eye(n, dtype=torch.bool, device=self.device)
