@@ -152,7 +152,9 @@ def test_evaluation_seeds_are_fresh_per_index_and_shared_across_runs(monkeypatch
     runs = list(calls.values())
     assert runs[0] == runs[1] == runs[2]
     expected = [(eval_seed(k), 4, mode) for k in range(3) for mode in (True, False)]
-    assert runs[0] == expected + [(FINAL_EVAL_SEED, 100, True), (FINAL_EVAL_SEED, 100, False)]
+    # The final evaluation (deterministic, sampled), then uniform random actions on the same episodes
+    # for summary.json's reference_returns (grid_coordination has no scripted controller).
+    assert runs[0] == expected + [(FINAL_EVAL_SEED, 100, True), (FINAL_EVAL_SEED, 100, False), (FINAL_EVAL_SEED, 100, True)]
 
 
 def test_evaluation_streams_differ_from_each_other_and_from_training():

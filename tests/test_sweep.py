@@ -281,3 +281,15 @@ def test_archive_keeps_finished_runs_and_a_restored_sweep_reports_and_resumes(sw
     sweep(TINY, out=restored, only="*/vpp-*", resume=True, **QUIET)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # the archived runs are not rerun
     assert read_metrics(restored / "grid2" / "vpp-s1" / "metrics.csv")[-1]["env_steps"] == 64
+
+
+def test_random_baseline_reads_the_compared_metric_including_env_metrics():
+    """The uniform-random row of a summary is the experiment's metric for uniformly random actions on
+    the final evaluation's episodes: the return, or an env metric such as coop_nav's team_return
+    (which, with local rewards, is N times the return)."""
+    from vimarl.sweep import random_baseline
+
+    experiment = {"metric": "eval_return_mean", "envs": {"nav": {"env": "coop_nav_n3", "overrides": {"env.reward": "local"}}}}
+    local_return = random_baseline(experiment, "nav", episodes=8)
+    team_return = random_baseline({**experiment, "metric": "eval_team_return"}, "nav", episodes=8)
+    assert local_return < 0 and team_return == pytest.approx(3 * local_return, rel=1e-5)

@@ -587,10 +587,12 @@ def random_baseline(experiment: dict, env_label: str, episodes: int = 100) -> fl
     env_spec = experiment["envs"][env_label] or {}
     options = {k.removeprefix("env."): v for k, v in (env_spec.get("overrides") or {}).items() if k.startswith("env.")}
     env = vimarl.make_env(env_spec.get("env", env_label), episodes, seed=FINAL_EVAL_SEED, **options)
-    returns = evaluate(UniformPolicy(env.groups), env, seed=FINAL_EVAL_SEED)
-    column_group = {"eval_return_mean": next(iter(returns))} | {f"eval_return/{g}": g for g in returns}
+    env_metrics: dict = {}
+    returns = evaluate(UniformPolicy(env.groups), env, seed=FINAL_EVAL_SEED, metrics=env_metrics)
+    value = ({"eval_return_mean": returns[next(iter(returns))]} | {f"eval_return/{g}": r for g, r in returns.items()}
+             | {f"eval_{name}": metric for name, metric in env_metrics.items()})  # e.g. eval_team_return
     columns, divide_by = metric_spec(experiment, env_label)
-    return sum(float(returns[column_group[c]].mean()) for c in columns if c in column_group) / divide_by
+    return sum(float(value[c].double().mean()) for c in columns if c in value) / divide_by
 
 
 def number(value: float, digits: int = 3) -> str:
