@@ -5,6 +5,7 @@ format-1 files you trust are upgraded explicitly."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from vimarl.cli import main
 from vimarl.envs.base import GroupStep, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
+from vimarl.logging import read_metrics
 
+train_module = importlib.import_module("vimarl.train")  # vimarl.train the attribute is the function
 QUICK = dict(total_steps=64, eval_every=64, warmup_steps=32, batch_size=16, eval_episodes=2, final_eval_episodes=2,
              progress=False, tensorboard=False)
 
@@ -127,3 +130,43 @@ def test_a_trusted_format_1_checkpoint_is_upgraded_explicitly(run_dir, tmp_path)
     assert isinstance(upgraded["step"], TimeStep) and upgraded["version"] == 2
     assert checkpoint.main(["upgrade"]) == 2
     assert os.path.getsize(old) > 0
+
+
+# -- crash safety (issue 21 items 4, 5) ----------------------------------------------------------
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    out = tmp_path / "run"
+    vimarl.train("isac", "grid_coordination", out=str(out), **dict(QUICK, total_steps=128, eval_every=64))
+    older, newest = checkpoint.list_checkpoints(out / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[:300])
+    with pytest.warns(UserWarning, match=f"is corrupt.*using the earlier checkpoint {older.name}"):
+        path, content = checkpoint.load_latest(out)
+    assert path == older and content["counters"]["env_steps"] == 64
+    with pytest.raises(VimarlError, match="is corrupt"):  # no earlier one to fall back to
+        checkpoint.load_latest(newest)
+
+
+def test_resume_at_or_below_the_steps_done_is_a_one_line_error(run_dir, capsys):
+    assert main(["train", "--resume", str(run_dir), "total_steps=64"]) == 2
+    err = capsys.readouterr().err
+    assert "has already run 64 env steps, which reaches total_steps=64" in err and err.count("\n") == 1
+
+
+def test_resume_without_the_replay_waits_until_the_buffer_refills(tmp_path, monkeypatch):
+    """save_buffer=false: the resumed buffer is empty, so updates wait for max(batch, warm-up) rows."""
+    out = tmp_path / "run"
+    settings = dict(QUICK, total_steps=96, eval_every=48, warmup_steps=16, batch_size=40, update_every=1)
+    vimarl.train("isac", "grid_coordination", out=str(out), **settings)  # grid_coordination: 4 envs
+    sizes = []
+    real = train_module.Trainer._record
+
+    def record(self, metrics):
+        sizes.append(len(self.buffer))
+        real(self, metrics)
+
+    monkeypatch.setattr(train_module.Trainer, "_record", record)
+    with pytest.warns(UserWarning, match="without its replay buffer.*until it holds 40 transitions"):
+        vimarl.train(resume=out, total_steps=160)
+    assert sizes and min(sizes) >= 40  # never a batch of 40 drawn from fewer rows
+    assert read_metrics(out / "metrics.csv")[-1]["env_steps"] == 160
+
+

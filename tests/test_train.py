@@ -33,7 +33,8 @@ def test_run_writes_config_metrics_curve_checkpoint_and_summary(tmp_path):
     assert list((out / "tensorboard").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["env_steps"] == 480 and summary["eval_return_mean"] == rows[-1]["eval_return_mean"]
-    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out / "checkpoints")] == [480]
+    # A checkpoint at every evaluation by default (checkpoint_every=None), the newest two kept.
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out / "checkpoints")] == [320, 480]
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,22 @@ def upgrade(path: Path) -> None:
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise VimarlError(f"{path} is not a vimarl checkpoint")
     save(Path(path), {k: v for k, v in content.items() if k not in ("format", "version")})
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]]:
+    """(path, content) of the newest readable checkpoint of a run directory (or of a .pt file):
+    a corrupt newest one (a kill while the disk was full, a truncated copy) falls back to the one
+    kept before it, with a warning; refused (unsafe) files are never skipped over."""
+    newest = latest(run_dir)  # a one-line error when there is none
+    candidates = [newest] if newest == Path(run_dir) else list(reversed(list_checkpoints(Path(run_dir) / "checkpoints")))
+    for path, earlier in zip(candidates, candidates[1:]):
+        try:
+            return path, load(path, map_location)
+        except VimarlError as error:
+            if "is corrupt" not in str(error):
+                raise
+            warnings.warn(f"{error}; using the earlier checkpoint {earlier.name}", stacklevel=2)
+    return candidates[-1], load(candidates[-1], map_location)
 
 
 def step_of(path: Path) -> int:

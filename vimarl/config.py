@@ -83,8 +83,9 @@ class TrainConfig:
     """Report the most probable actions as eval_return_mean; false reports the sampled ones there (for
     games where agents with identical inputs agree trivially under argmax, such as grid_coordination).
     Both are logged either way (eval_deterministic_return_mean, eval_sampled_return_mean)."""
-    checkpoint_every: int = 0
-    """Environment steps between checkpoints; 0 writes one at the end only."""
+    checkpoint_every: int | None = None
+    """Environment steps between checkpoints; None (the default): at every evaluation, so a crash or
+    a kill loses at most one evaluation interval; 0: one at the end only."""
     keep_checkpoints: int = 2
     """Checkpoints kept in OUT/checkpoints (the newest ones)."""
     save_buffer: bool = False

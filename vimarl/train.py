@@ -25,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,8 @@ class Trainer:
         self.metric_count = 0
         self.last_eval: tuple[float, float] | None = None
         self.final_eval_env: BatchedEnv | None = None
+        self.refill_until = 0
+        """Transitions the buffer must hold before updates resume (after a resume without the replay)."""
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -210,7 +213,8 @@ class Trainer:
                 if _crossed(before, self.env_steps, config.eval_every) or self.env_steps >= config.total_steps:
                     final = self.env_steps >= config.total_steps and config.final_eval_episodes > 0
                     last_row = self._evaluate_and_log(log, progress, started, last_row, final)
-                if config.checkpoint_every and _crossed(before, self.env_steps, config.checkpoint_every):
+                every = config.eval_every if config.checkpoint_every is None else config.checkpoint_every
+                if every and _crossed(before, self.env_steps, every) and self.env_steps < config.total_steps:
                     self.save_checkpoint()
                 progress.update(self.env_steps - before)
         finally:
@@ -251,7 +255,7 @@ class Trainer:
                 self._record(self.algo.update(self.codec.decode(self.buffer.ordered())))
                 self.buffer.clear()
             return
-        if self.env_steps <= config.warmup_steps or len(self.buffer) == 0:
+        if self.env_steps <= config.warmup_steps or len(self.buffer) < max(self.refill_until, 1):
             return
         due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
         length = self.algo.sequence_length  # recurrent: windows of consecutive steps, about batch_size in all
@@ -369,6 +373,13 @@ class Trainer:
         self.env.load_state_dict(content["env"])
         self.step = _to_device(content["step"], device)
         self.buffer.load_state_dict(content["buffer"])
+        if "data" not in content["buffer"] and not self.algo.rollout_length:
+            # Without the saved replay the buffer restarts empty: hold updates until it again holds
+            # a warm-up's worth (at least a batch) instead of drawing whole batches from a few rows.
+            self.refill_until = min(self.buffer.capacity, max(self.config.batch_size, self.config.warmup_steps))
+            warnings.warn(f"resuming {self.run_dir} without its replay buffer (save_buffer=false): updates wait "
+                          f"until it holds {self.refill_until} transitions again, so this run no longer matches "
+                          f"an uninterrupted one", stacklevel=2)
         counters = content["counters"]
         self.env_steps, self.updates, self.wall_s = counters["env_steps"], counters["updates"], counters["wall_s"]
         returns = content["episode_returns"].to(device)
@@ -501,11 +512,14 @@ def _resume(run_dir: Path, overrides: dict[str, dict]) -> Path:
     if changed:
         raise VimarlError(f"cannot change {sorted(changed)} when resuming (it would not continue the "
                           f"same run); allowed: {', '.join(sorted(RESUMABLE_CHANGES))}")
-    path = checkpoint.latest(run_dir)
-    content = checkpoint.load(path)
+    path, content = checkpoint.load_latest(run_dir)
     saved = content["run"]
     saved["train"] = {**saved["train"], **overrides["train"]}
     run = run_config_from_dict(saved)
+    done = content["counters"]["env_steps"]
+    if run.train.total_steps <= done:
+        raise VimarlError(f"{run_dir} has already run {done} env steps, which reaches total_steps="
+                          f"{run.train.total_steps}; resume with a larger one, e.g. total_steps={2 * done}")
     run_dir = run_dir.parent.parent if run_dir.is_file() else run_dir  # OUT/checkpoints/step_*.pt
     run.train.out = str(run_dir)
     trainer = Trainer(run, run_dir)
@@ -517,7 +531,7 @@ def _resume(run_dir: Path, overrides: dict[str, dict]) -> Path:
 
 def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algorithm, dict[str, Any]]:
     """(run config, algorithm with trained weights, checkpoint) from a run directory or .pt file."""
-    content = checkpoint.load(checkpoint.latest(Path(path)), map_location=device)
+    _, content = checkpoint.load_latest(Path(path), map_location=device)
     run = run_config_from_dict(content["run"])
     env = make_env(run.env, 1, 0, device, config=run.env_config)
     algo = make_algo(run.algo, env, config=run.algo_config, device=device)
