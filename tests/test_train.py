@@ -110,3 +110,47 @@ def test_reuse_freed_memory_takes_effect_on_glibc():
     from vimarl.train import reuse_freed_memory
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_memory() == expected
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Issue 21 item 3: NaN / Inf in a loss ends the run with a one-line error naming the metric and
+    the env step; the checkpoint written before stays untouched and summary.json says it failed."""
+    from vimarl.algos.isac import ISAC
+
+    real, calls = ISAC.update, []
+
+    def update(self, batch):
+        metrics = real(self, batch)
+        calls.append(1)
+        return {**metrics, "loss_q": torch.tensor(float("nan"))} if len(calls) > 30 else metrics
+
+    monkeypatch.setattr(ISAC, "update", update)
+    out = tmp_path / "run"
+    with pytest.raises(VimarlError) as error:
+        vimarl.train("isac", "grid_coordination", out=str(out), **dict(FAST, update_every=4))
+    message = str(error.value)
+    assert "loss_q became nan in update 31 at env step" in message and "isac on grid_coordination" in message
+    assert "\n" not in message
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == message
+    # Updates every 4 env steps after the 64-step warm-up, 4 sub-environments: update 31 at step 192.
+    assert summary["env_steps"] == 192 and "env step 192" in message
+    kept = checkpoint.list_checkpoints(out / "checkpoints")
+    assert [checkpoint.step_of(p) for p in kept] == [160]  # the evaluation before the failure, and nothing after
+
+
+def test_a_non_finite_reward_from_the_env_is_named(tmp_path, monkeypatch):
+    env_class = type(vimarl.make_env("grid_coordination", 1))
+    real, calls = env_class.step, []
+
+    def step(self, actions):
+        result = real(self, actions)
+        calls.append(1)
+        if len(calls) == 7:
+            result.groups["agents"].reward[1, 4] = float("inf")
+        return result
+
+    monkeypatch.setattr(env_class, "step", step)
+    with pytest.raises(VimarlError) as error:
+        vimarl.train("isac", "grid_coordination", out=str(tmp_path / "run"), **FAST)
+    assert "returned a non-finite reward for agent 4 of group 'agents' (sub-environment 1)" in str(error.value)

@@ -26,3 +26,7 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> VimarlError:
 
 class TrainingInterrupted(VimarlError):
     """Training stopped by Ctrl-C or SIGTERM after writing a checkpoint."""
+
+
+class NonFiniteError(VimarlError):
+    """A loss, gradient norm, parameter, observation or reward became NaN or infinite."""

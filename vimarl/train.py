@@ -42,7 +42,7 @@ from vimarl.config import RunConfig, TrainConfig, parse_overrides, resolve, run_
 from vimarl.envs.base import BatchedEnv, TimeStep
 from vimarl.envs.controllers import SCRIPTED_POLICIES, scripted_policy
 from vimarl.envs.registry import make_env
-from vimarl.errors import TrainingInterrupted, VimarlError
+from vimarl.errors import NonFiniteError, TrainingInterrupted, VimarlError
 from vimarl.logging import MetricsLog
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -217,6 +217,9 @@ class Trainer:
                 if every and _crossed(before, self.env_steps, every) and self.env_steps < config.total_steps:
                     self.save_checkpoint()
                 progress.update(self.env_steps - before)
+        except NonFiniteError as error:  # the last good checkpoint stays as it is
+            self._write_summary({"status": "failed", "error": str(error)})
+            raise
         finally:
             stop.restore()
             progress.close()
@@ -239,6 +242,7 @@ class Trainer:
         else:
             actions = act(self.algo, self.step, explore=True)
         next_step = self.env.step(actions)
+        self._check_env_step(next_step)
         self.algo.observe(self.step, actions, next_step)
         self.buffer.add(self.codec.encode(self.step, actions, next_step, self.algo.replay_values(actions)))
         self.episode_returns += torch.stack([next_step.groups[g].reward.sum(-1) for g in self.algo.groups])
@@ -264,7 +268,42 @@ class Trainer:
                     if length else self.buffer.sample(config.batch_size))
             self._record(self.algo.update(self.codec.decode(rows)))
 
+    def _check_env_step(self, step: TimeStep) -> None:
+        """NaN / Inf in the environment's observations or rewards: one fused reduction per step
+        (a sum that is finite exactly when every term is) and one host sync; the culprit is only
+        looked for once something is wrong."""
+        values = [t for g in step.groups.values() for t in (g.obs, g.reward)]
+        if bool(torch.isfinite(torch.stack([v.float().sum() for v in values]).sum())):
+            return
+        for name, group in step.groups.items():
+            for field_name, value in (("observation", group.obs), ("reward", group.reward)):
+                bad = ~torch.isfinite(value)
+                if bool(bad.any()):
+                    env_index, agent = (int(i) for i in bad.nonzero()[0][:2])
+                    raise NonFiniteError(f"env {self.run.env} returned a non-finite {field_name} for agent {agent} of "
+                                         f"group '{name}' (sub-environment {env_index}) at env step {self.env_steps}; "
+                                         f"the environment, not the learner, produced it")
+
+    def _check_finite(self, metrics: dict[str, Tensor]) -> None:
+        """Losses and gradient norms of one update (one host sync): NaN / Inf stops the run."""
+        watched = {k: v for k, v in metrics.items() if k.startswith(("loss", "grad_norm")) and isinstance(v, Tensor)}
+        if not watched or bool(torch.isfinite(torch.stack([v.detach().float().sum() for v in watched.values()]).sum())):
+            return
+        name, value = next((k, v) for k, v in watched.items() if not bool(torch.isfinite(v).all()))
+        raise NonFiniteError(f"{name} became {float(value.float().sum())} in update {self.updates + 1} at env step "
+                             f"{self.env_steps} ({self.run.algo} on {self.run.env}); the last good checkpoint is kept. "
+                             f"Lower the learning rate or clip the gradients")
+
+    def _check_parameters(self) -> None:
+        """Every parameter finite (at each evaluation: one pass over the weights)."""
+        for name, parameter in self.algo.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise NonFiniteError(f"parameter {name} of {self.run.algo} became non-finite by env step {self.env_steps} "
+                                     f"on {self.run.env}; the last good checkpoint is kept. Lower the learning rate "
+                                     f"or clip the gradients")
+
     def _record(self, metrics: dict[str, Tensor]) -> None:
+        self._check_finite(metrics)
         for key, value in metrics.items():
             self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
         self.metric_count += 1
@@ -287,6 +326,7 @@ class Trainer:
 
     def _evaluate_and_log(self, log: MetricsLog, progress, started: float, last_row: tuple[int, float],
                           final: bool = False):
+        self._check_parameters()
         env, seed = self._evaluation_env(final)
         env_metrics: dict[str, Tensor] = {}  # those of the reported policy, like eval_return_mean
         deterministic = self.config.eval_deterministic
@@ -327,8 +367,7 @@ class Trainer:
         plot_runs([self.run_dir], self.run_dir / "curve.png", title=f"{self.run.algo} on {self.run.env}")
         mean, std = self.last_eval if self.last_eval else (math.nan, math.nan)
         summary = {
-            "algo": self.run.algo, "env": self.run.env, "seed": self.config.seed,
-            "env_steps": self.env_steps, "agent_steps": self.env_steps * self.env.n_agents,
+            "status": "done", "agent_steps": self.env_steps * self.env.n_agents,
             "updates": self.updates, "wall_s": round(self.wall_s, 3),
             "env_steps_per_s": round(self.env_steps / self.wall_s, 1) if self.wall_s else math.nan,
             "eval_return_mean": mean, "eval_return_std": std,
@@ -343,7 +382,11 @@ class Trainer:
                 summary["reference_metrics"] = metrics
             if "oracle" in references:
                 summary["oracle_fraction"] = oracle_fraction(mean, summary["reference_returns"])
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._write_summary(summary)
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        head = {"algo": self.run.algo, "env": self.run.env, "seed": self.config.seed, "env_steps": self.env_steps}
+        (self.run_dir / "summary.json").write_text(json.dumps({**head, **summary}, indent=2) + "\n")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
