@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +13,26 @@ from vimarl.errors import TrainingInterrupted, VimarlError
 USAGE_TRAIN = "vimarl train ALGO ENV [key=value ...] | vimarl train --resume RUN_DIR [key=value ...]"
 
 
+def _die_with_parent() -> None:
+    """A `vimarl train` that a sweep started (VIMARL_PARENT_PID set to the sweep's pid) asks Linux
+    for SIGTERM when the sweep dies, even by SIGKILL: the trainer then checkpoints and stops, and
+    no orphan keeps writing into a cell that `vimarl sweep --resume` starts again."""
+    parent = os.environ.get("VIMARL_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # the sweep died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _train(args: argparse.Namespace) -> None:
     from vimarl.train import train_from_cli
+
+    _die_with_parent()
 
     positional = [a for a in args.items if "=" not in a]
     overrides = [a for a in args.items if "=" in a]

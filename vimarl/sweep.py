@@ -338,7 +338,8 @@ def run_cell(cell: Cell, retries: int = 1) -> Cell:
     `retries` more times. Returns the cell with status done or failed, attempts and wall seconds."""
     run_dir = Path(cell.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                   "VIMARL_PARENT_PID": str(os.getpid())}  # the cell stops (checkpointed) if the sweep dies
     for _ in range(retries + 1):
         cell.attempts += 1
         command = cell.train_command(resume=has_checkpoint(run_dir))

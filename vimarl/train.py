@@ -197,7 +197,9 @@ class Trainer:
         log = MetricsLog(self.run_dir / "metrics.csv",
                          self.run_dir / "tensorboard" if config.tensorboard else None,
                          purge_step=self.env_steps or None)
-        log.keep_until(self.env_steps)
+        if self.env_steps:  # resuming: keep the rows up to the checkpoint
+            log.keep_until(self.env_steps)
+        # A fresh start (even in a folder a killed run left without a checkpoint) logs from row 0 anew.
         progress = _progress_bar(config, self.env_steps)
         started = time.perf_counter() - self.wall_s
         last_row = (self.env_steps, self.wall_s)
