@@ -134,3 +134,32 @@ def test_make_algo_checks_config_type_and_keys():
     with pytest.raises(VimarlError, match="did you mean 'alpha'"):
         vimarl.make_algo("vpp", env, alpah=0.1)
     assert vimarl.make_algo("vpp", env, alpha=0.1).config.alpha == 0.1
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("update_every=0", "update_every=0 is out of range: it must be at least 1"),
+    ("keep_checkpoints=0", "keep_checkpoints=0 is out of range: it must be at least 1"),
+    ("eval_episodes=0", "eval_episodes=0 is out of range: it must be at least 1"),
+    ("warmup_steps=-1", "warmup_steps=-1 is out of range: it must be at least 0"),
+    ("algo.lr=-1", "algo.lr=-1.0 is out of range: a learning rate must be positive"),
+    ("algo.lr=nan", "algo.lr=nan must be a finite number"),
+    ("algo.gamma=1.5", "algo.gamma=1.5 is out of range: it must lie in [0, 1]"),
+    ("algo.tau=inf", "algo.tau=inf must be a finite number"),
+])
+def test_out_of_range_values_are_one_line_errors_naming_the_field(override, expected):
+    """Issue 21 item 2 (in part): the trainer's fields by range, and every config's numbers, learning
+    rates, discount and Polyak rate by name; before, update_every=0 was a ZeroDivisionError
+    traceback, algo.lr=-1 torch's raw ValueError and keep_checkpoints=0 kept every checkpoint."""
+    from vimarl.config import parse_overrides
+
+    with pytest.raises(VimarlError) as error:
+        resolve("vpp", "grid_coordination", parse_overrides([override]))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_run_without_any_evaluation_is_refused_and_an_env_tau_is_not_a_polyak_rate():
+    from vimarl.config import parse_overrides
+
+    with pytest.raises(VimarlError, match="without any evaluation"):
+        resolve("vpp", "grid_coordination", parse_overrides(["eval_every=0", "final_eval_episodes=0"]))
+    assert resolve("vpp", "sumo_grid_1x1").env_config.tau == 1.5  # SUMO's headway, in seconds

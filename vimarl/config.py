@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -94,6 +95,20 @@ class TrainConfig:
     """Write TensorBoard event files next to metrics.csv."""
     progress: bool = True
     """Show a progress bar with the latest evaluation return and the ETA."""
+
+    def __post_init__(self):
+        at_least = {name: 1 for name in ("total_steps", "num_envs", "torch_threads", "update_every", "gradient_steps",
+                                         "batch_size", "buffer_size", "eval_episodes", "keep_checkpoints")}
+        at_least |= {name: 0 for name in ("seed", "warmup_steps", "eval_every", "final_eval_episodes", "checkpoint_every")}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for name, minimum in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise VimarlError(f"{name}={value} is out of range: it must be at least {minimum} "
+                                  f"(default {defaults[name]})")
+        if self.eval_every == 0 and self.final_eval_episodes == 0:
+            raise VimarlError("eval_every=0 and final_eval_episodes=0 leave the run without any evaluation; "
+                              "set one of them, e.g. final_eval_episodes=100")
 
 
 # -- field documentation ---------------------------------------------------------------------
@@ -212,9 +227,33 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
                               f"valid keys: {', '.join(fields)}")
         kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
     except (ValueError, TypeError) as error:
         raise VimarlError(f"invalid {where} settings: {error}") from None
+    check_ranges(instance, where)
+    return instance
+
+
+UNIT_INTERVAL = ("gamma", "tau")
+"""Fields that must lie in [0, 1] in every algorithm config that has them (an env's tau is its own)."""
+
+
+def check_ranges(config: Any, where: str) -> None:
+    """The checks every config gets by field name and type: numbers finite (unless the default is
+    not), learning rates (lr, *_lr) non-negative and lr positive, an algorithm's discount and Polyak
+    rate in [0, 1]."""
+    for field in dataclasses.fields(config):
+        value, name = getattr(config, field.name), field.name
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if not math.isfinite(value) and (not isinstance(default, (int, float)) or math.isfinite(default)):
+            raise VimarlError(f"{where}.{name}={value} must be a finite number (default {default})")
+        if (name == "lr" and value <= 0) or (name.endswith("_lr") and value < 0):
+            raise VimarlError(f"{where}.{name}={value} is out of range: a learning rate must be "
+                              f"{'positive' if name == 'lr' else 'non-negative'} (default {default})")
+        if where == "algo" and name in UNIT_INTERVAL and not 0 <= value <= 1:
+            raise VimarlError(f"{where}.{name}={value} is out of range: it must lie in [0, 1] (default {default})")
 
 
 def config_for(owner: type, config: Any, keyword_values: dict[str, Any], where: str, name: str) -> Any:
