@@ -20,6 +20,9 @@ def make_or_skip(name: str, seed: int):
               "sumo": "libsumo"}.get(extra)
     if module and importlib.util.find_spec(module) is None:
         pytest.skip(f"{name} needs pip install 'vimarl[{extra}]'")
+    missing = ENVIRONMENTS[name].missing_data()  # the real-city CityFlow maps are not bundled
+    if missing:
+        pytest.skip(f"{name} needs the CityFlow data: {missing}")
     # Short episodes for the external simulators (pursuit steps at about 90 env steps/s).
     short = {"episode_length": 30} if extra else {}
     return vimarl.make_env(name, 2, seed=seed, **short)

@@ -213,8 +213,11 @@ def test_cityflow_loader_on_a_small_roadnet_and_flow():
     assert [net.road_ids[r] for r in net.out_road[1]] == ["road_2_1_0", "road_2_1_1", "road_2_1_2", "road_2_1_3"]
     assert net.road_end[road["road_1_1_0"]] == 1 and net.road_start[road["road_1_1_0"]] == 0
     assert net.road_end[road["road_2_1_0"]] == -1 and net.road_start[road["road_0_1_0"]] == -1
-    # 30 m at min(lane 10, vehicle 8 m/s) = 3.75 -> 4 s; 3 lanes x 30 m / 7.5 m = 12 vehicles.
-    assert (net.travel_ticks == 4).all() and (net.capacity == 12).all()
+    # 30 m at min(lane 10, vehicle 8 m/s) = 3.75 -> 4 s. Capacity: 3 lanes x CityFlow's lane length
+    # (the road less 10 m at each signalised end) / 7.5 m: 20 m -> 8 vehicles, 10 m between the nodes -> 4.
+    assert (net.travel_ticks == 4).all() and (net.length == 30).all() and (net.n_lanes == 3).all()
+    assert net.capacity.tolist() == [4 if r == road["road_1_1_0"] or r == road["road_2_1_2"] else 8
+                                     for r in range(net.n_roads)]
     assert net.down[road["road_0_1_0"]].tolist() == [road["road_1_1_1"], road["road_1_1_0"], road["road_1_1_3"]]
     # The file's 9 lightphases are the standard table.
     for r in np.flatnonzero(net.road_end >= 0):
@@ -476,8 +479,8 @@ def test_vimarl_eval_runs_the_scripted_controllers(capsys, tmp_path):
     assert "is not a traffic env" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["traffic_grid", "traffic_cityflow"] + [f"traffic_grid_{n}x{n}" for n in
-                                                                          (1, 2, 3, 4, 7, 10, 15, 35)])
+@pytest.mark.parametrize("name", ["traffic_grid", "traffic_cityflow", "traffic_hangzhou_4x4", "traffic_jinan_3x4",
+                                  "traffic_newyork_16x3"] + [f"traffic_grid_{n}x{n}" for n in (1, 2, 3, 4, 7, 10, 15, 35)])
 def test_every_traffic_env_has_a_budget_with_the_papers_settings(name):
     from vimarl.config import CONFIG_DIR, resolve
 

@@ -11,6 +11,9 @@ import torch
 
 from vimarl.config import config_for
 from vimarl.envs.base import BatchedEnv
+from vimarl.envs.traffic.cities import CITIES as _CITIES
+from vimarl.envs.traffic.cities import PREFIX as _DATA_PREFIX
+from vimarl.envs.traffic.cities import missing as _missing_file
 from vimarl.errors import VimarlError, unknown
 
 
@@ -24,6 +27,16 @@ class EnvEntry:
     """The pip extra that provides the simulator, when the env needs one."""
     defaults: tuple[tuple[str, Any], ...] = ()
     """Config values this name presets (e.g. coop_nav_n30 sets n_agents=30); user values win."""
+
+    def missing_data(self) -> str | None:
+        """None when every data file this name presets (CityFlow `cityflow:` paths) is readable,
+        else the one-line reason (tests skip with it)."""
+        for _, value in self.defaults:
+            if isinstance(value, str) and value.startswith(_DATA_PREFIX):
+                reason = _missing_file(value)
+                if reason:
+                    return reason
+        return None
 
     def load(self) -> type[BatchedEnv]:
         module_name, _, class_name = self.target.partition(":")
@@ -154,8 +167,9 @@ register_env("traffic_grid", _TRAFFIC, "traffic-signal control on a rows x cols 
 for _n in (1, 2, 3, 4, 7, 10, 15, 35):
     register_env(f"traffic_grid_{_n}x{_n}", _TRAFFIC, f"traffic_grid with {_n} x {_n} intersections", rows=_n, cols=_n)
 _TRAFFIC_EXAMPLES = Path(__file__).parent / "traffic" / "examples"
+# speed=0: each road's speed is its lanes' maxSpeed (capped by the flows' vehicles), not the grids' 11.111.
 register_env("traffic_cityflow", _TRAFFIC, "traffic-signal control on a CityFlow map: env.roadnet=PATH "
-             "env.flow=PATH (default: a bundled 2 x 2 example)",
+             "env.flow=PATH (default: a bundled 2 x 2 example)", speed=0.0,
              roadnet=str(_TRAFFIC_EXAMPLES / "roadnet_2x2.json"), flow=str(_TRAFFIC_EXAMPLES / "flow_2x2.json"))
 
 # The same task on SUMO through libsumo (vimarl.envs.external.sumo; docs/traffic.md).
@@ -165,3 +179,13 @@ for _n in (1, 2, 3, 4, 10):
                  rows=_n, cols=_n)
 register_env("sumo_net", _SUMO, "traffic-signal control on a SUMO network: env.net=PATH.net.xml "
              "env.routes=PATH.rou.xml (default: the 4 x 4 grid with synthetic demand)", requires="sumo")
+
+# The public real-city CityFlow maps (vimarl.envs.traffic.cities; not bundled: `cityflow:` paths are
+# read from $VIMARL_CITYFLOW_DATA or ../shared/data/cityflow, and env.roadnet / env.flow override them).
+for _city in _CITIES.values():
+    _files = {"roadnet": f"cityflow:{_city.folder}/{_city.roadnet}", "flow": f"cityflow:{_city.folder}/{_city.flow}",
+              "speed": 0.0}  # the roadnet's lane speeds
+    register_env(f"traffic_{_city.name}", _TRAFFIC, f"traffic-signal control on the real CityFlow map of "
+                 f"{_city.description} (N = {_city.intersections}; data: docs/traffic.md)", **_files)
+    register_env(f"sumo_{_city.name}", _SUMO, f"traffic_{_city.name}'s map and recorded flows converted to SUMO "
+                 f"(libsumo)", requires="sumo", **_files)

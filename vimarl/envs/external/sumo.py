@@ -8,6 +8,12 @@ changes, the 38-value observation, the local queue reward, the E / N / W / S gri
 complete graph with `graph=complete`), the 10 N + 1 global state and the metrics in
 `TimeStep.info`. So the scripted controllers and every algorithm run on both.
 
+- **CityFlow maps.** `roadnet` + `flow` (the `sumo_<city>` envs: `sumo_hangzhou_4x4`, ...)
+  convert a CityFlow roadnet and flow file to SUMO (`write_cityflow_net`, `write_cityflow_routes`):
+  intersections become nodes (traffic lights where signalised, dead ends where virtual), roads
+  edges with their lanes, lane widths, speeds and polyline, laneLinks connections (CityFlow's
+  lane 0 is the innermost, SUMO's the outermost), and every flow vehicle a SUMO vehicle on its
+  route (gaps filled as the batched model fills them) with the flow's vehicle as its vType.
 - **Networks.** `sumo_grid_NxN` builds the batched model's own grid (`grid_network`: same road
   and node ids, 300 m roads, 3 lanes, 11.111 m/s, an entry and an exit road on each open side of
   the border) as SUMO plain XML with one lane per movement (lane 0 right, 1 straight, 2 left)
@@ -51,7 +57,8 @@ from torch import Tensor
 from vimarl.envs.base import BatchedEnv, Discrete, GroupSpec, GroupStep
 from vimarl.envs.traffic.env import ELAPSED_MAX, ELAPSED_SCALE, OBS_DIM, SignalGridConfig, intersection_graph
 from vimarl.envs.traffic.network import (DELTA, LEFT, N_PHASES, RIGHT, STANDARD_PHASES, STRAIGHT, Network,
-                                         grid_network)
+                                         fill_route, flow_times, grid_network, load_cityflow, read_flows,
+                                         read_json)
 from vimarl.errors import VimarlError
 
 MOVEMENT_OF_DIRECTION = {"l": LEFT, "L": LEFT, "s": STRAIGHT, "r": RIGHT, "R": RIGHT}
@@ -86,6 +93,16 @@ class SumoConfig(SignalGridConfig):
     """Path of a SUMO .net.xml; empty: the rows x cols grid."""
     routes: str = ""
     """Path of a SUMO .rou.xml (needed with net); empty: synthetic demand on the grid."""
+    roadnet: str = ""
+    """Path of a CityFlow roadnet JSON (`cityflow:REL` as in TrafficConfig), converted to a SUMO
+    network (needs flow); empty: net, or the grid."""
+    flow: str = ""
+    """Path of a CityFlow flow JSON, converted to SUMO routes (its vehicles' parameters become the
+    vTypes; accel, decel and tau below are for the synthetic demand only)."""
+    flow_tau: float = 0.0
+    """CityFlow maps: > 0 replaces the flow vehicles' headwayTime (2 s in the public data) as the
+    vTypes' tau (1.5: the synthetic demand's vehicle, whose travel times are within 6% of the
+    batched model's with saturation_flow 0.5)."""
     accel: float = 2.0
     """Vehicle acceleration (m/s^2) of the synthetic demand's vType (CityFlow's usualPosAcc)."""
     decel: float = 4.5
@@ -103,6 +120,12 @@ class SumoConfig(SignalGridConfig):
         super().__post_init__()
         if self.net and not self.routes:
             raise ValueError("net needs routes (a .rou.xml); synthetic demand is for the grid")
+        if self.flow_tau < 0:
+            raise ValueError(f"flow_tau must be >= 0, got {self.flow_tau}")
+        if bool(self.roadnet) != bool(self.flow):
+            raise ValueError("a CityFlow map needs both roadnet and flow")
+        if self.roadnet and (self.net or self.routes):
+            raise ValueError("give either a CityFlow map (roadnet, flow) or a SUMO one (net, routes), not both")
         if self.workers not in ("auto", "process"):
             raise ValueError(f"workers must be auto or process, got {self.workers!r}")
 
@@ -136,8 +159,93 @@ def write_grid_net(path: Path, rows: int, cols: int, length: float, speed: float
     conns = [f'  <connection from="{net.road_ids[r]}" to="{net.road_ids[net.down[r, m]]}" '
              f'fromLane="{lane_of[m]}" toLane="{lane_of[m]}"/>'
              for r in range(net.n_roads) for m in (LEFT, STRAIGHT, RIGHT) if net.down[r, m] >= 0]
+    _netconvert(path, {"nod": nodes, "edg": edge_xml, "con": conns})
+    return net
+
+
+def _xy(point) -> str:
+    return f"{float(point['x']):.2f},{float(point['y']):.2f}"
+
+
+def write_cityflow_net(roadnet_path: str | Path, path: Path) -> list[str]:
+    """Convert a CityFlow roadnet to a SUMO network at `path` (plain XML and netconvert); returns
+    the signalised intersections' ids in the batched model's agent order (the roadnet's)."""
+    roadnet = read_json(roadnet_path, "roadnet")
+    inters = {it["id"]: it for it in roadnet["intersections"]}
+    signals = [k for k, it in inters.items() if not it.get("virtual", False) and it.get("roadLinks")]
+    nodes = [f'  <node id="{xml.escape(k)}" x="{float(it["point"]["x"])}" y="{float(it["point"]["y"])}" '
+             f'type="{"traffic_light" if k in signals else "dead_end"}"/>' for k, it in inters.items()]
+    lanes_of, edges = {}, []
+    for road in roadnet["roads"]:
+        lanes = road.get("lanes") or [{}]
+        lanes_of[road["id"]] = len(lanes)
+        points = road.get("points") or []
+        shape = f' shape="{" ".join(_xy(p) for p in points)}"' if len(points) > 2 else ""
+        speeds = [float(lane.get("maxSpeed", 11.111)) for lane in lanes]
+        widths = [float(lane.get("width", 3.2)) for lane in lanes]
+        attributes = (f'  <edge id="{xml.escape(road["id"])}" from="{xml.escape(road["startIntersection"])}" '
+                      f'to="{xml.escape(road["endIntersection"])}" numLanes="{len(lanes)}" speed="{max(speeds)}" '
+                      f'width="{widths[0]}"{shape}')
+        if len(set(speeds)) > 1 or len(set(widths)) > 1:  # SUMO lane 0 is CityFlow's last (outermost)
+            inner = "".join(f'<lane index="{len(lanes) - 1 - k}" speed="{speeds[k]}" width="{widths[k]}"/>'
+                            for k in range(len(lanes)))
+            edges.append(f"{attributes}>{inner}</edge>")
+        else:
+            edges.append(f"{attributes}/>")
+    conns = []
+    for k in signals:
+        for link in inters[k]["roadLinks"]:
+            a, b = link["startRoad"], link["endRoad"]
+            for lane_link in link.get("laneLinks") or []:
+                conns.append(f'  <connection from="{xml.escape(a)}" to="{xml.escape(b)}" '
+                             f'fromLane="{lanes_of[a] - 1 - int(lane_link["startLaneIndex"])}" '
+                             f'toLane="{lanes_of[b] - 1 - int(lane_link["endLaneIndex"])}"/>')
+    _netconvert(path, {"nod": nodes, "edg": edges, "con": conns})
+    return signals
+
+
+def write_cityflow_routes(flow_path: str | Path, roadnet_path: str | Path, path: Path, horizon: int,
+                          tau: float = 0.0) -> int:
+    """Convert a CityFlow flow file to a SUMO route file at `path`: every vehicle generated before
+    `horizon` s (startTime, then every interval up to endTime), on its route with gaps filled,
+    with its flow's vehicle parameters as vType (accel usualPosAcc, decel usualNegAcc,
+    emergencyDecel maxNegAcc, tau headwayTime, length, width, minGap, maxSpeed; no driver
+    imperfection; `tau` > 0 replaces headwayTime). Returns the number of vehicles."""
+    net = load_cityflow(roadnet_path, None, 1, 7.5, (1, 1, 1))
+    road_index = {k: r for r, k in enumerate(net.road_ids)}
+    roads = [{"id": k} for k in net.road_ids]
+    types: dict[tuple, str] = {}
+    vehicles = []
+    for flow in read_flows(flow_path):
+        v = flow.get("vehicle") or {}
+        key = tuple(float(v.get(name, default)) for name, default in (
+            ("length", 5.0), ("width", 2.0), ("minGap", 2.5), ("usualPosAcc", 2.0), ("usualNegAcc", 4.5),
+            ("maxNegAcc", 4.5), ("maxSpeed", 11.111), ("headwayTime", 2.0)))
+        if tau > 0:
+            key = key[:-1] + (float(tau),)
+        vtype = types.setdefault(key, f"cf{len(types)}")
+        names = flow.get("route", [])
+        if not names or any(k not in road_index for k in names):
+            raise VimarlError(f"flow route {names} names a road missing from {roadnet_path}")
+        route = " ".join(net.road_ids[r] for r in fill_route([road_index[k] for k in names], net.down, roads))
+        vehicles += [(float(t), vtype, route) for t in flow_times(flow, horizon)]
+    vehicles.sort(key=lambda item: item[0])  # SUMO reads route files in departure order
+    lines = ["<routes>"]
+    for (length, width, min_gap, accel, decel, emergency, speed, tau), name in types.items():
+        lines.append(f'  <vType id="{name}" accel="{accel}" decel="{decel}" emergencyDecel="{max(emergency, decel)}" '
+                     f'tau="{tau}" sigma="0" length="{length}" width="{width}" minGap="{min_gap}" '
+                     f'maxSpeed="{speed}" speedFactor="1" speedDev="0"/>')
+    for k, (t, vtype, route) in enumerate(vehicles):
+        lines.append(f'  <vehicle id="v{k}" type="{vtype}" depart="{t:.2f}" departLane="best" departSpeed="max">'
+                     f'<route edges="{xml.escape(route)}"/></vehicle>')
+    lines.append("</routes>")
+    path.write_text("\n".join(lines) + "\n")
+    return len(vehicles)
+
+
+def _netconvert(path: Path, files: dict[str, list[str]]) -> None:
+    """Compile plain XML (nod, edg, con lines) into the SUMO network `path`."""
     base = path.with_suffix("")
-    files = {"nod": nodes, "edg": edge_xml, "con": conns}
     tags = {"nod": "nodes", "edg": "edges", "con": "connections"}
     for ext, lines in files.items():
         Path(f"{base}.{ext}.xml").write_text(f"<{tags[ext]}>\n" + "\n".join(lines) + f"\n</{tags[ext]}>\n")
@@ -147,7 +255,6 @@ def write_grid_net(path: Path, rows: int, cols: int, length: float, speed: float
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise VimarlError(f"netconvert failed: {result.stderr.strip()[-500:]}")
-    return net
 
 
 def _heading(shape, at_end: bool) -> int:
@@ -431,12 +538,19 @@ class SumoTrafficEnv(BatchedEnv):
         self.horizon = c.episode_length * c.decision_seconds
         self._tmp = tempfile.TemporaryDirectory(prefix="vimarl_sumo_")
         self.workdir = Path(self._tmp.name)
+        self.city_routes = None
+        order = None
         if c.net:
             self.net_path, self.grid = str(Path(c.net).resolve()), None
+        elif c.roadnet:
+            self.net_path, self.grid = str(self.workdir / "city.net.xml"), None
+            order = write_cityflow_net(c.roadnet, Path(self.net_path))
+            self.city_routes = self.workdir / "city.rou.xml"
+            write_cityflow_routes(c.flow, c.roadnet, self.city_routes, self.horizon, c.flow_tau)
         else:
             self.net_path = str(self.workdir / "grid.net.xml")
             self.grid = write_grid_net(Path(self.net_path), c.rows, c.cols, c.road_length, c.speed)
-        self.layout = layout = read_layout(self.net_path, self.grid.node_ids if self.grid else None)
+        self.layout = layout = read_layout(self.net_path, self.grid.node_ids if self.grid else order)
         n = self.n_nodes = layout.n_nodes
         dev = self.device
         self.graph = intersection_graph(c.graph, *layout.graph, num_envs, dev)
@@ -501,6 +615,8 @@ class SumoTrafficEnv(BatchedEnv):
         c = self.config
         if c.routes:
             return str(Path(c.routes).resolve())
+        if self.city_routes is not None:
+            return str(self.city_routes)
         episode = int(self.episode_index[b])
         rng = np.random.default_rng([self.seed, b, episode])
         path = self.workdir / f"env{b}.rou.xml"

@@ -36,7 +36,8 @@ class _Scripted(ScriptedPolicy):
         if (len(env.groups) != 1 or spec is None or spec.obs_dim != OBS_DIM
                 or getattr(spec.action_space, "n", None) != N_PHASES):
             raise VimarlError(f"policy '{name}' controls traffic signals; env '{env_name(env)}' is not a traffic env "
-                              "(traffic_grid_NxN, traffic_cityflow, sumo_grid_NxN, sumo_net)")
+                              "(traffic_grid_NxN, traffic_cityflow, traffic_<city>, sumo_grid_NxN, sumo_<city>, "
+                              "sumo_net)")
 
     def act(self, obs, graph, *, explore, action_mask=None, state=None) -> dict[str, Tensor]:
         return {g: self.choose(obs[g]) for g in self.groups}

@@ -19,6 +19,11 @@ first road as space allows; every vehicle entering a road draws its choice at th
 from the road's turning probabilities; (5) every vehicle in the network (buffer included) adds
 one second to the travel-time account. Counts are whole vehicles; randomness comes from
 `vimarl.envs.rng` keyed on (seed, sub-environment, episode, tick).
+
+With a CityFlow flow file and `route_model = "vehicle"` (the default) vehicles keep their routes:
+they are counted per route-suffix class (`network.RouteTable`; `moving [B, D, C]`, `queue_c`,
+`buffer_c`), a crossing vehicle takes its route's next class instead of drawing a turn, and the
+vehicles that leave a lane or an entry buffer are drawn uniformly among those there.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from vimarl.envs.traffic.network import DELTA, N_PHASES, grid_network, load_city
 
 SPAWN_STREAM = 0x7370_6177
 TURN_STREAM = 0x7475_726E
+ROUTE_STREAM = 0x726F_7574
 ELAPSED_SCALE = 60.0
 """Observations hold the seconds since the current phase was chosen divided by this..."""
 ELAPSED_MAX = 300
@@ -76,7 +82,8 @@ class SignalGridConfig:
     """Grid road length in metres (the benchmark grids' 300 m)."""
     speed: float = 11.111
     """Free-flow speed in m/s of grid roads (benchmark 40 km/h); with a CityFlow roadnet, 0 keeps
-    each road's lane maxSpeed (capped by the flows' vehicle maxSpeed), > 0 overrides it."""
+    each road's lane maxSpeed (capped by the flows' vehicle maxSpeed; the default of
+    traffic_cityflow and the city maps), > 0 overrides it. SUMO with a CityFlow map ignores it."""
     demand_vph: float = 400.0
     """Synthetic demand: vehicles per hour generated on each entry road (Bernoulli each second)."""
     demand_ew_scale: float = 1.0
@@ -117,11 +124,18 @@ class SignalGridConfig:
 @dataclass
 class TrafficConfig(SignalGridConfig):
     roadnet: str = ""
-    """Path of a CityFlow roadnet JSON; empty: the synthetic rows x cols grid."""
+    """Path of a CityFlow roadnet JSON (`cityflow:REL`: REL in the CityFlow data folder,
+    vimarl.envs.traffic.cities); empty: the synthetic rows x cols grid."""
     flow: str = ""
-    """Path of a CityFlow flow JSON (needs roadnet); empty: synthetic demand on the entry roads."""
+    """Path of a CityFlow flow JSON (needs roadnet; `cityflow:REL` as roadnet); empty: synthetic
+    demand on the entry roads."""
+    route_model: Literal["vehicle", "turns"] = "vehicle"
+    """With a flow file: vehicle, every vehicle follows its own route (a lane's queue is served in
+    random order); turns, vehicles draw each turn from per-road turning probabilities aggregated
+    from the routes. Synthetic demand always uses turn_ratios."""
     saturation_flow: float = 0.5
-    """Vehicles per second of green that one movement lane discharges (1800 veh/h)."""
+    """Vehicles per second of green that one movement lane discharges (1800 veh/h); a movement
+    served by k lanes of a CityFlow road (its laneLinks' start lanes) discharges k times this."""
     lanes: int = 3
     """Lanes per grid road (left, straight, right); sets the road capacity."""
     jam_spacing: float = 7.5
@@ -146,6 +160,8 @@ class TrafficConfig(SignalGridConfig):
             raise ValueError("saturation_flow, jam_spacing and lanes must be positive")
         if not self.roadnet and self.speed == 0:
             raise ValueError(f"speed must be positive on a grid, got {self.speed}")
+        if self.route_model not in ("vehicle", "turns"):
+            raise ValueError(f"route_model must be vehicle or turns, got {self.route_model!r}")
         if self.demand_profile not in ("uniform", "peak"):
             raise ValueError(f"demand_profile must be uniform or peak, got {self.demand_profile!r}")
         if self.demand_profile == "peak" and self.demand_vph * max(
@@ -204,6 +220,7 @@ class TrafficSignalEnv(BatchedEnv):
         self.road_end_c = self.road_end.clamp_min(0)
         self.phase_green = t(net.phase_green, torch.bool)  # [R, 9, 3]
         self.turn_cum = t(net.turn_probs).cumsum(-1)[:, :3].contiguous()  # [R, 3] thresholds
+        self.routes = net.routes if c.route_model == "vehicle" else None
         self.in_road_c, self.in_mask = t(net.in_road, long).clamp_min(0), t(net.in_road >= 0)
         self.out_road_c, self.out_mask = t(net.out_road, long).clamp_min(0), t(net.out_road >= 0)
         # feeders[r'] = flat index (3 r + m) of the movement of each priority (straight, left,
@@ -214,10 +231,14 @@ class TrafficSignalEnv(BatchedEnv):
             feeders[torch.as_tensor(net.down[src, m]), slot] = src * 3 + m
         self.feeders = feeders.to(dev)
         # Credit is capped at ceil(s): a lane discharges at most ceil(s) vehicles a second and
-        # s on average over a green, and an empty green lane banks at most that much.
-        self.max_discharge = math.ceil(c.saturation_flow)
-        self.credit_cap = float(self.max_discharge)
-        self.max_inflow = 4 * self.max_discharge  # three movements plus the entry buffer
+        # s on average over a green, and an empty green lane banks at most that much. A movement
+        # with k lanes has s k and ceil(s k).
+        lanes_m = np.ones((r, 3)) if net.movement_lanes is None else net.movement_lanes
+        self.sat = t(c.saturation_flow * lanes_m)  # [R, 3]
+        self.credit_cap = self.sat.ceil()
+        self.max_discharge = int(self.credit_cap.max())
+        self.max_entry = math.ceil(c.saturation_flow)  # vehicles a second from the entry buffer
+        self.max_inflow = 3 * self.max_discharge + self.max_entry  # three movements plus the entry buffer
         # Synthetic demand: per-second probabilities on the entry roads.
         entry = net.entry_roads
         self.entry_roads = t(entry, long)
@@ -248,12 +269,67 @@ class TrafficSignalEnv(BatchedEnv):
         self.generated = zeros()
         self.exited = zeros()
         self.vehicle_seconds = zeros()
-        # Diagnostics of the last tick (tests): green movements and vehicles discharged.
+        # Diagnostics of the last tick (tests): green movements, vehicles discharged and exited.
         self.last_green = zeros(r, 3, dtype=torch.bool)
         self.last_discharge = zeros(r, 3)
+        self.last_exit = zeros(r)  # vehicles that left the network at the end of each road
         self.last_metrics: dict[str, Tensor] = {}
         """metrics() after the last step, before any auto-reset (an episode's final values)."""
         self._render_layout: dict | None = None  # render()'s pixel coordinates, computed on first use
+        if self.routes is not None:
+            self._init_routes(self.routes)
+
+    def _init_routes(self, routes) -> None:
+        """The route-following model (route_model = vehicle): vehicles are counted per route-suffix
+        class (`RouteTable`): `moving [B, D, C]`, `queue_c [B, C]` at the stop line, `buffer_c
+        [B, C]` in the entry buffers; `queue`, `buffer` and `approaching` stay their sums."""
+        dev = self.device
+        b, r = self.num_envs, self.n_roads
+        self.state_fields = type(self).state_fields + ("queue_c", "buffer_c")
+        road, move = torch.as_tensor(routes.road, device=dev), torch.as_tensor(routes.move, device=dev)
+        self.n_classes = c_count = len(road)
+        self.class_road = road
+        self.class_key = road * 4 + move  # sorted (RouteTable)
+        self.class_next = torch.as_tensor(routes.next, device=dev).clamp_min(0)
+        self.class_queues = (move < 3).float()  # end classes leave at the stop line
+        self.class_ticks = self.travel_ticks[road]
+        self.route_start = torch.as_tensor(routes.start, device=dev)
+        self.route_schedule = torch.as_tensor(routes.schedule, dtype=torch.float32, device=dev)
+        lanes = torch.arange(r, device=dev).repeat_interleave(3) * 4 + torch.arange(3, device=dev).repeat(r)
+        self.lane_bounds = (torch.searchsorted(self.class_key, lanes),
+                            torch.searchsorted(self.class_key, lanes, right=True))
+        first = torch.arange(r, device=dev) * 4
+        self.road_bounds = (torch.searchsorted(self.class_key, first),
+                            torch.searchsorted(self.class_key, first + 3, right=True))
+        self.ar_c = torch.arange(c_count, device=dev)
+        self.moving = torch.zeros(b, self.ring, c_count, device=dev)
+        self.queue_c = torch.zeros(b, c_count, device=dev)
+        self.buffer_c = torch.zeros(b, c_count, device=dev)
+
+    def _by_choice(self, per_class: Tensor) -> Tensor:
+        """[B, C] class counts -> [B, R, 4] by (road, choice at its end)."""
+        out = per_class.new_zeros(self.num_envs, 4 * self.n_roads)
+        out.index_add_(1, self.class_key, per_class)
+        return out.view(self.num_envs, self.n_roads, 4)
+
+    @staticmethod
+    def _pick(counts: Tensor, bounds: tuple[Tensor, Tensor], n_pick: Tensor, u: Tensor) -> Tensor:
+        """Whole vehicles drawn without replacement from groups of classes: group g holds the
+        classes bounds[0][g] .. bounds[1][g] - 1 of `counts [B, C]`; n_pick [B, G] (at most the
+        group's vehicles, at most u's last size K) are drawn uniformly among its vehicles with the
+        uniforms u [B, G, K]. Returns the drawn vehicles per class [B, C]."""
+        picked = torch.zeros_like(counts)
+        lo, hi = bounds
+        last = counts.shape[1] - 1
+        for k in range(u.shape[-1]):
+            remaining = counts - picked
+            cum = remaining.cumsum(-1)
+            cum0 = torch.nn.functional.pad(cum, (1, 0))
+            before, total = cum0[:, lo], cum0[:, hi] - cum0[:, lo]
+            j = torch.minimum((u[..., k] * total).floor(), (total - 1).clamp_min(0))
+            idx = torch.searchsorted(cum, (before + j).contiguous(), right=True).clamp(max=last)
+            picked.scatter_add_(1, idx, (n_pick > k).float())
+        return picked
 
     # -- episodes ---------------------------------------------------------------------------
     def _reset_envs(self, env_mask: Tensor) -> None:
@@ -271,8 +347,12 @@ class TrafficSignalEnv(BatchedEnv):
         # The decision's random numbers in two draws (the counter-based hash costs more than a tick),
         # keyed on (seed, sub-environment, episode, decision).
         seconds = self.config.decision_seconds
-        turn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, TURN_STREAM,
-                             shape=(seconds, self.n_roads, self.max_inflow))
+        if self.routes is None:
+            turn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, TURN_STREAM,
+                                 shape=(seconds, self.n_roads, self.max_inflow))
+        else:  # which vehicles of each lane / entry buffer go next (4 R groups)
+            turn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, ROUTE_STREAM,
+                                 shape=(seconds, 4 * self.n_roads, self.max_discharge))
         spawn_u = None
         if self.schedule is None:
             spawn_u = rng.uniform(self.seed, self.env_ids, self.episode_index, self.episode_step, SPAWN_STREAM,
@@ -293,18 +373,24 @@ class TrafficSignalEnv(BatchedEnv):
 
     # -- the traffic model -----------------------------------------------------------------------
     def _tick(self, turn_u: Tensor, spawn_u: Tensor | None) -> None:
-        """One second; `turn_u [B, R, M]` and `spawn_u [B, E]` are its uniform draws."""
+        """One second; `turn_u` ([B, R, M] turn draws, or [B, 4 R, K] with routes: which vehicles
+        leave each lane and entry buffer) and `spawn_u [B, E]` are its uniform draws."""
         c, b = self.config, self.num_envs
         ar_b, ar_r = self.ar_b, self.ar_r
         now = self.tick % self.ring  # [B]
+        routed = self.routes is not None
         # (1) arrivals at the stop line
-        arrived = self.moving[ar_b, now]  # [B, R, 4]
+        arrived = self.moving[ar_b, now]  # [B, R, 4] ([B, C] by class when routed)
         self.moving[ar_b, now] = 0.0
+        if routed:
+            self.queue_c += arrived * self.class_queues
+            arrived = self._by_choice(arrived)
         self.approaching -= arrived
         self.queue += arrived[..., :3]
         finished = arrived[..., 3]
         self.occupancy -= finished
         self.exited += finished.sum(-1)
+        self.last_exit = finished
         # (2) signals
         lightphase = torch.where(self.yellow_left > 0, 0, self.phase + 1)  # [B, N]
         road_phase = lightphase.gather(1, self.road_end_c.expand(b, -1))  # [B, R]
@@ -314,7 +400,7 @@ class TrafficSignalEnv(BatchedEnv):
         self.yellow_left = (self.yellow_left - 1).clamp_min(0)
         self.elapsed += 1
         # (3) discharge, limited by credit and by the downstream road's free space
-        self.credit = torch.where(green, (self.credit + c.saturation_flow).clamp(max=self.credit_cap), 0.0)
+        self.credit = torch.where(green, torch.minimum(self.credit + self.sat, self.credit_cap), 0.0)
         want = torch.minimum(self.queue, self.credit.floor())
         want_flat = torch.cat([want.reshape(b, -1), want.new_zeros(b, 1)], 1)
         wanted = want_flat[:, self.feeders]  # [B, R', 3] by priority straight, left, right
@@ -337,20 +423,44 @@ class TrafficSignalEnv(BatchedEnv):
         new = self._generate(spawn_u)
         self.generated += new.sum(-1)
         self.buffer += new
-        release = torch.minimum(self.buffer, space.clamp_max(self.max_discharge))
+        release = torch.minimum(self.buffer, space.clamp_max(self.max_entry))
         self.buffer -= release
         inflow = inflow + release
-        choice = (turn_u.unsqueeze(-1) >= self.turn_cum.unsqueeze(1)).sum(-1)  # [B, R, M] in 0..3
-        present = torch.arange(self.max_inflow, device=self.device) < inflow.unsqueeze(-1)
-        lanes = torch.zeros(b, self.n_roads, 4, device=self.device)
-        lanes.scatter_add_(2, choice, present.float())
-        slot = (self.tick.unsqueeze(1) + self.travel_ticks) % self.ring  # [B, R]
-        self.moving[ar_b.unsqueeze(1), slot, ar_r] += lanes
+        if routed:
+            # Which vehicles leave each lane and each entry buffer (uniformly among those there);
+            # a vehicle that crosses takes the next class of its route.
+            r3 = 3 * self.n_roads
+            crossed = self._pick(self.queue_c, self.lane_bounds, moved.reshape(b, -1), turn_u[:, :r3])
+            self.queue_c -= crossed
+            entered = torch.zeros_like(crossed).index_add_(1, self.class_next, crossed)
+            self.buffer_c += self._generate_classes()
+            released = self._pick(self.buffer_c, self.road_bounds, release, turn_u[:, r3:])
+            self.buffer_c -= released
+            entered += released
+            lanes = self._by_choice(entered)
+            slot = (self.tick.unsqueeze(1) + self.class_ticks) % self.ring  # [B, C]
+            self.moving[ar_b.unsqueeze(1), slot, self.ar_c] += entered
+        else:
+            choice = (turn_u.unsqueeze(-1) >= self.turn_cum.unsqueeze(1)).sum(-1)  # [B, R, M] in 0..3
+            present = torch.arange(self.max_inflow, device=self.device) < inflow.unsqueeze(-1)
+            lanes = torch.zeros(b, self.n_roads, 4, device=self.device)
+            lanes.scatter_add_(2, choice, present.float())
+            slot = (self.tick.unsqueeze(1) + self.travel_ticks) % self.ring  # [B, R]
+            self.moving[ar_b.unsqueeze(1), slot, ar_r] += lanes
         self.approaching += lanes
         self.occupancy += inflow
         # (5) travel-time account
         self.vehicle_seconds += self.occupancy.sum(-1) + self.buffer.sum(-1)
         self.tick += 1
+
+    def _generate_classes(self) -> Tensor:
+        """[B, C] vehicles generated this second by route class (route_model = vehicle); the same
+        vehicles as `_generate`'s per-road counts."""
+        row = self.tick.clamp(max=self.horizon - 1)
+        new = self.route_schedule[row] * (self.tick < self.horizon).unsqueeze(1)  # [B, K]
+        out = torch.zeros(self.num_envs, self.n_classes, device=self.device)
+        out[:, self.route_start] = new
+        return out
 
     def _generate(self, u: Tensor | None) -> Tensor:
         """[B, R] vehicles generated this second."""
