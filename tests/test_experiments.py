@@ -204,3 +204,29 @@ def test_every_cell_has_five_seeds_and_toy_games_ten(name, scale):
     toy = {"grid_coordination"}
     for (env_label, label), found in seeds.items():
         assert len(found) >= (10 if env_label in toy else 5), (name, scale, env_label, label)
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_every_claim_parses_and_names_arms_that_run_on_its_envs(name):
+    """A claim the report cannot read would only fail after the sweep: check them all up front."""
+    from vimarl.report import parse_compare
+
+    experiment = load_experiment(name)
+    for scale in ("cpu", "paper"):
+        cells = expand(experiment, scale)
+        arms = {(c.env_label, c.label) for c in cells}
+        for claim in experiment.get("claims") or []:
+            if "compare" not in claim:
+                continue
+            left, _, rights = parse_compare(claim["compare"])
+            envs = claim["env"] if isinstance(claim["env"], list) else [claim["env"]]
+            for operand in [left, *rights]:
+                label = operand.partition(":")[0]
+                try:
+                    float(label)
+                    continue
+                except ValueError:
+                    pass
+                assert any(a == label for _, a in arms), (name, claim["claim"], label)
+                if scale == "paper":
+                    assert all((env, label) in arms for env in envs), (name, claim["claim"], label, envs)
