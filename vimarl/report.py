@@ -259,7 +259,7 @@ def _shown_algo_field(name: str) -> bool:
     return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "temperature", "exploration", "discrete_gradient",
                      "normalize_rewards")
             or name.endswith("_lr") or name.startswith(("epsilon_", "reward_", "critic_"))
-            or any(part in name for part in ("hidden", "units", "embed", "clip", "grad_norm")))
+            or any(part in name for part in ("hidden", "units", "embed", "clip", "grad_norm", "delay")))
 
 
 def _tested_group(columns: list[str]) -> str | None:
