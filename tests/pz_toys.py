@@ -105,3 +105,24 @@ class MixedGroupEnv(LeavingEnv):
 
     def observation_space(self, agent):
         return gymnasium.spaces.Box(-np.inf, np.inf, (4 if agent == "runner_2" else 3,), np.float32)
+
+
+class FaultyEnv(LeavingEnv):
+    """LeavingEnv that goes wrong at step `at`: a NaN observation ('nan'), an observation of the
+    wrong size ('shape') or an infinite reward ('reward') for runner_2; or a Box action space
+    whose bounds vimarl's Discrete actions cannot break, for the action check ('actions')."""
+
+    def __init__(self, fault: str = "nan", at: int = 2):
+        super().__init__(leave_at=10, horizon=10)
+        self.fault, self.at = fault, at
+
+    def step(self, actions):
+        observations, rewards, terminations, truncations, infos = super().step(actions)
+        if self.t == self.at:
+            if self.fault == "nan":
+                observations["runner_2"] = np.array([np.nan, 0, 0], np.float32)
+            elif self.fault == "shape":
+                observations["runner_2"] = np.zeros(5, np.float32)
+            elif self.fault == "reward":
+                rewards["runner_2"] = float("inf")
+        return observations, rewards, terminations, truncations, infos

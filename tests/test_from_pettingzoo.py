@@ -170,3 +170,27 @@ def test_round_trip_through_pettingzoo_gives_the_native_trajectory():
                                   expected.final_view().groups["agents"].obs[0], atol=1e-5)
             assert torch.allclose(step.groups["agents"].reward[copy], expected.groups["agents"].reward[0], atol=1e-5)
     assert step.truncated.all()
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("nan", "returned a non-finite observation for agent runner_2 (at index 0)"),
+    ("shape", "returned an observation of 5 values for agent runner_2, whose observation space has 3"),
+    ("reward", "returned reward inf for agent runner_2"),
+])
+def test_a_faulty_wrapped_env_is_a_one_line_error_naming_the_agent(fault, expected):
+    """Issue 21 item 3: what a wrapped env gets wrong is reported where it enters, by agent."""
+    env = toy("FaultyEnv", kwargs={"fault": fault})
+    env.reset(seed=0)
+    actions = {"runner": torch.zeros(1, 3, dtype=torch.int64)}
+    env.step(actions)
+    with pytest.raises(VimarlError) as error:
+        env.step(actions)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_action_outside_the_wrapped_space_is_named():
+    env = toy("LeavingEnv")
+    env.reset(seed=0)
+    with pytest.raises(VimarlError) as error:
+        env.step({"runner": torch.tensor([[0, 7, 0]])})
+    assert "action 7 for agent runner_1 is outside its action space Discrete(3)" in str(error.value)

@@ -152,6 +152,19 @@ class GroupLayout:
                           f"or a 1-D Box with one finite bound for all dimensions (wrap the env to rescale)")
 
 
+def checked_observation(agent: str, group: GroupLayout, observation, env: str) -> np.ndarray:
+    """The flat observation of `agent`, or a one-line VimarlError naming it when the wrapped env
+    returned one of another size than its observation space's, or one with NaN / Inf."""
+    flat = group.flat_observation(observation)
+    if flat.shape != (group.obs_dim,):
+        raise VimarlError(f"{env} returned an observation of {flat.size} values for agent {agent}, whose observation "
+                          f"space has {group.obs_dim}")
+    if not np.isfinite(flat).all():
+        raise VimarlError(f"{env} returned a non-finite observation for agent {agent} (at index "
+                          f"{int(np.flatnonzero(~np.isfinite(flat))[0])}); a wrapped env must return finite values")
+    return flat
+
+
 def group_name(agent: str) -> str:
     return re.sub(r"_\d+$", "", agent)
 
@@ -189,6 +202,7 @@ class Copies:
 
     def __init__(self, config: PettingZooConfig, count: int, render_first: bool):
         factory = _load(config.env, "env")
+        self.name = config.env  # for messages
         parameters = inspect.signature(factory).parameters
         renders = "render_mode" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
         self.envs = []
@@ -228,7 +242,7 @@ class Copies:
         for agent, observation in observations.items():
             name, slot = self.slots[agent]
             arrays, group = self.arrays[name], self.layout[name]
-            arrays["obs"][copy, slot] = group.flat_observation(observation)
+            arrays["obs"][copy, slot] = checked_observation(agent, group, observation, self.name)
             if group.has_action_mask:
                 mask = observation["action_mask"] if _is_masked_dict(group.observation_space) \
                     else infos.get(agent, {}).get("action_mask")
@@ -239,6 +253,9 @@ class Copies:
             self.arrays[name]["alive"][copy, slot] = True
         for agent, reward in rewards.items():
             name, slot = self.slots[agent]
+            if not np.isfinite(reward):
+                raise VimarlError(f"{self.name} returned reward {reward} for agent {agent}; a wrapped env "
+                                  f"must return finite rewards")
             self.arrays[name]["reward"][copy, slot] = reward
         if self.positions is not None:
             for agent, position in self.positions(env.unwrapped).items():
@@ -265,6 +282,11 @@ class Copies:
         terminated, truncated = np.zeros(count, bool), np.zeros(count, bool)
         for copy, env in enumerate(self.envs):
             env_actions = {agent: actions[self.slots[agent][0]][copy, self.slots[agent][1]] for agent in env.agents}
+            for agent, action in env_actions.items():
+                space = env.action_space(agent)
+                if not space.contains(np.asarray(action, dtype=space.dtype)):
+                    raise VimarlError(f"action {np.asarray(action).tolist()} for agent {agent} is outside its action "
+                                      f"space {space} of {self.name}")
             observations, rewards, terminations, truncations, infos = env.step(env_actions)
             self._record(copy, observations, infos, rewards)
             if not env.agents:
