@@ -154,3 +154,31 @@ def test_a_non_finite_reward_from_the_env_is_named(tmp_path, monkeypatch):
     with pytest.raises(VimarlError) as error:
         vimarl.train("isac", "grid_coordination", out=str(tmp_path / "run"), **FAST)
     assert "returned a non-finite reward for agent 4 of group 'agents' (sub-environment 1)" in str(error.value)
+
+
+def test_a_crash_in_the_loop_is_one_line_with_the_traceback_kept_and_resume_continues(tmp_path, monkeypatch):
+    """Issue 21 item 4: an exception inside training becomes a one-line error; the traceback goes to
+    crash.log, summary.json says failed, and the checkpoint of the last evaluation resumes the run."""
+    from vimarl.algos.isac import ISAC
+
+    real, calls = ISAC.update, []
+
+    def update(self, batch):
+        calls.append(1)
+        if len(calls) == 30:
+            raise RuntimeError("simulated failure\nsecond line")
+        return real(self, batch)
+
+    monkeypatch.setattr(ISAC, "update", update)
+    out = tmp_path / "run"
+    with pytest.raises(VimarlError) as error:
+        vimarl.train("isac", "grid_coordination", out=str(out), **dict(FAST, update_every=4))
+    message = str(error.value)
+    assert "training crashed at env step 184 (RuntimeError: simulated failure)" in message and "\n" not in message
+    assert f"continue from step 160 with: vimarl train --resume {out}" in message
+    assert "simulated failure" in (out / "crash.log").read_text() and "Traceback" in (out / "crash.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(ISAC, "update", real)
+    vimarl.train(resume=out)
+    assert json.loads((out / "summary.json").read_text())["status"] == "done"
+    assert [r["env_steps"] for r in read_metrics(out / "metrics.csv")] == [0, 160, 320, 480]

@@ -25,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -219,9 +220,21 @@ class Trainer:
                 if every and _crossed(before, self.env_steps, every) and self.env_steps < config.total_steps:
                     self.save_checkpoint()
                 progress.update(self.env_steps - before)
-        except NonFiniteError as error:  # the last good checkpoint stays as it is
+        except VimarlError as error:  # e.g. NonFiniteError; the last good checkpoint stays as it is
             self._write_summary({"status": "failed", "error": str(error)})
             raise
+        except Exception as error:
+            # A crash mid-iteration may leave the networks half-updated, so nothing is saved now: the
+            # last consistent state is the checkpoint of the last evaluation (checkpoint_every=None).
+            (self.run_dir / "crash.log").write_text(traceback.format_exc())
+            kept = checkpoint.list_checkpoints(self.run_dir / "checkpoints")
+            message = (f"training crashed at env step {self.env_steps} ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0][:160] if str(error) else 'no message'}); traceback in "
+                       f"{self.run_dir / 'crash.log'}; " + (f"continue from step {checkpoint.step_of(kept[-1])} with: "
+                                                           f"vimarl train --resume {self.run_dir}" if kept else
+                                                           "no checkpoint was written yet"))
+            self._write_summary({"status": "failed", "error": message})
+            raise VimarlError(message) from error
         finally:
             stop.restore()
             progress.close()
