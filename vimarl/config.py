@@ -234,26 +234,103 @@ def build(cls: type, values: dict[str, Any], where: str) -> Any:
     return instance
 
 
-UNIT_INTERVAL = ("gamma", "tau")
-"""Fields that must lie in [0, 1] in every algorithm config that has them (an env's tau is its own)."""
+UNIT_INTERVAL = {"algo": ("gamma", "tau", "gae_lambda", "epsilon_start", "epsilon_end"),
+                 "env": ("local_ratio", "peak_center")}
+"""Fields that must lie in [0, 1], by config kind (an env's tau is a SUMO driver's reaction time, not
+a Polyak rate; a team member's settings, `algo.configs.<name>`, count as 'algo')."""
+
+MAY_BE_INFINITE = ("local_trust_regions",)
+"""Numeric fields that may be +-inf although their default is finite (MAMD-OP's `.inf`: unconstrained)."""
+
+SIGNED = ("target_entropy",)
+"""Numeric fields that may be negative; every other number must be at least 0."""
+
+MAX_SIZE = 2**16
+"""Upper bound of every size field (see `is_size`): 65,536 is far above any setting of the papers
+(the widest layer is 512, the largest N 1,225, the largest grid 35 x 35) and refuses values such as
+10**12 that would only exhaust memory or loop for ever."""
+
+_SIZE_WORDS = ("dim", "hidden", "embed", "heads", "rounds", "layers", "size", "batch", "units", "samples",
+               "epochs", "minibatches", "rollout_length", "sequence_length", "burn_in", "graph_k", "workers",
+               "threads", "envs", "episodes", "keep_checkpoints", "max_agents", "lanes", "rows", "cols")
+
+
+def is_size(name: str) -> bool:
+    """A field that sizes memory or work: widths (*dim*, *hidden*, *embed*, *units*), counts of layers,
+    heads, rounds, epochs, minibatches, samples, episodes, environments, workers, threads and of agents
+    or entities (`n`, `n_*`, `num_*`, rows, cols, lanes, graph_k), and batch, buffer and sequence sizes."""
+    return name == "n" or name.startswith(("n_", "num_")) or any(word in name for word in _SIZE_WORDS)
+
+
+_WIDTH_WORDS = ("dim", "hidden", "embed", "units", "heads")
+"""Size fields that are layer widths or head counts: at least 1, unless their default is 0 or they
+are in `ZERO_MEANS_NONE`."""
+
+ZERO_MEANS_NONE = ("latent_dim",)
+"""Widths for which 0 is a setting: VM3-AC's latent_dim=0 is its no-latent ablation (002 Sec. 6)."""
+
+UNBOUNDED_SIZES = ("buffer_size",)
+"""Size fields without the `MAX_SIZE` bound: the replay buffer is checked against free memory when it
+is allocated (vimarl.buffer)."""
+
+
+POSITIVE = ("lr", "temperature", "target_update_interval", "decision_seconds", "road_length",
+            "saturation_flow", "jam_spacing", "clip", "trust_region", "meet_distance", "reward_scale",
+            "rollout_length", "minibatches", "md_delay", "epsilon_delay",
+            "max_displacement", "capture_radius", "lattice_spacing", "start_half_width", "peak_width",
+            "epsilon_min", "epsilon_max", "q_sigma", "map_size", "graph_every")
+"""Numeric fields that must be positive (they divide, or a zero makes the setting meaningless)."""
 
 
 def check_ranges(config: Any, where: str) -> None:
-    """The checks every config gets by field name and type: numbers finite (unless the default is
-    not), learning rates (lr, *_lr) non-negative and lr positive, an algorithm's discount and Polyak
-    rate in [0, 1]."""
+    """The checks every config gets by field name and type (README, "Bad input"):
+
+    - numbers are finite (unless the default is not, or the field is in `MAY_BE_INFINITE`);
+    - numbers are non-negative, except the fields in `SIGNED`;
+    - learning rates: `lr` positive, `*_lr` non-negative; the fields in `POSITIVE` positive;
+    - an algorithm's gamma, tau, gae_lambda and epsilon_start / epsilon_end, an env's local_ratio and
+      peak_center in [0, 1] (`UNIT_INTERVAL`);
+    - size fields (`is_size`: widths, counts, batch sizes) are integers of at most `MAX_SIZE` (the replay
+      buffer's size is checked against free memory instead); widths and head counts are at least 1,
+      unless their default is 0 or 0 means none (`ZERO_MEANS_NONE`: latent_dim).
+
+    Items of a tuple field (e.g. encoder_dims, turn_ratios) are checked like the field itself.
+    Errors are one line naming the field, the value and the valid range.
+    """
+    kind = "algo" if where.startswith("algo") else where
     for field in dataclasses.fields(config):
         value, name = getattr(config, field.name), field.name
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
         default = field.default if field.default is not dataclasses.MISSING else None
-        if not math.isfinite(value) and (not isinstance(default, (int, float)) or math.isfinite(default)):
-            raise VimarlError(f"{where}.{name}={value} must be a finite number (default {default})")
-        if (name == "lr" and value <= 0) or (name.endswith("_lr") and value < 0):
-            raise VimarlError(f"{where}.{name}={value} is out of range: a learning rate must be "
-                              f"{'positive' if name == 'lr' else 'non-negative'} (default {default})")
-        if where == "algo" and name in UNIT_INTERVAL and not 0 <= value <= 1:
-            raise VimarlError(f"{where}.{name}={value} is out of range: it must lie in [0, 1] (default {default})")
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(name, value)]
+        for label, item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            _check_number(where, kind, name, label, item, default)
+
+
+def _check_number(where: str, kind: str, name: str, label: str, value: float, default: Any) -> None:
+    def out_of_range(rule: str) -> VimarlError:
+        return VimarlError(f"{where}.{label}={value} is out of range: it must {rule} (default {default})")
+
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if not math.isfinite(value):
+        if name not in MAY_BE_INFINITE and (not numeric_default or math.isfinite(default)):
+            raise VimarlError(f"{where}.{label}={value} must be a finite number (default {default})")
+        return
+    if (name == "lr" and value <= 0) or (name.endswith("_lr") and value < 0):
+        raise VimarlError(f"{where}.{label}={value} is out of range: a learning rate must be "
+                          f"{'positive' if name == 'lr' else 'non-negative'} (default {default})")
+    if name not in SIGNED and value < 0:
+        raise out_of_range("be at least 0")
+    if name in POSITIVE and value <= 0:
+        raise out_of_range("be positive")
+    if name in UNIT_INTERVAL.get(kind, ()) and not 0 <= value <= 1:
+        raise out_of_range("lie in [0, 1]")
+    if isinstance(value, int) and is_size(name) and name not in UNBOUNDED_SIZES:
+        width = any(word in name for word in _WIDTH_WORDS)
+        minimum = 1 if width and default != 0 and name not in ZERO_MEANS_NONE else 0
+        if not minimum <= value <= MAX_SIZE:
+            raise out_of_range(f"be an integer in [{minimum}, {MAX_SIZE}] (a {'width' if width else 'size'})")
 
 
 def config_for(owner: type, config: Any, keyword_values: dict[str, Any], where: str, name: str) -> Any:

@@ -112,6 +112,15 @@ class MirrorDescentConfig(AttentionSACConfig):
     """The MDPO code's `tsallis_q` (Table 1: 0.2): log_q with exponent q = 2 - tsallis_q replaces log in the KL and in
     the policy loss's entropy term; 1.0 is the ordinary log."""
 
+    def __post_init__(self):
+        if self.md_delay < 1:
+            raise ValueError(f"md_delay={self.md_delay} is out of range: it must be at least 1")
+        if not self.trust_region > 0:
+            raise ValueError(f"trust_region={self.trust_region} is out of range: it must be positive")
+        if any(not epsilon > 0 for epsilon in self.local_trust_regions):
+            raise ValueError(f"local_trust_regions={list(self.local_trust_regions)} is out of range: every "
+                             f"epsilon_i must be positive (.inf leaves an agent unconstrained)")
+
 
 def tsallis_log(log_x: Tensor, q: float) -> Tensor:
     """log_q(x) = (x^(1-q) - 1) / (1 - q) given log x (expm1 keeps it accurate near x = 1); log x itself at q = 1."""
@@ -167,8 +176,6 @@ class MirrorDescentAttentionSAC(AttentionSAC):
     Config = MirrorDescentConfig
 
     def __init__(self, groups: dict[str, GroupSpec], state_dim: int, config: MirrorDescentConfig, device="cpu"):
-        if config.md_delay < 1 or config.trust_region <= 0:
-            raise ValueError(f"mamd needs md_delay >= 1 and trust_region > 0, got {config.md_delay}, {config.trust_region}")
         super().__init__(groups, state_dim, config, device)
         self.old_policy = copy.deepcopy(self.policy).requires_grad_(False)
         for module in self.old_policy.modules():

@@ -154,6 +154,14 @@ class TrustRegionDecompositionConfig(MirrorDescentConfig):
     coordination_metrics_max_agents: int = 8
     """Log every C_ij as `coord_i_j` up to this many agents (the paper's tasks have <= 8); beyond, only their mean."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.epsilon_delay < 1:
+            raise ValueError(f"epsilon_delay={self.epsilon_delay} is out of range: it must be at least 1")
+        if not 0 < self.epsilon_min <= self.epsilon_max:
+            raise ValueError(f"epsilon_min={self.epsilon_min}, epsilon_max={self.epsilon_max} are out of range: "
+                             f"they must satisfy 0 < epsilon_min <= epsilon_max")
+
 
 # --- the pieces of Sec. 5.3, public so that they can be tested --------------------------------
 
@@ -270,9 +278,6 @@ class TrustRegionDecompositionSAC(MirrorDescentAttentionSAC):
                              f"parameter_sharing={config.parameter_sharing}")
         if config.local_trust_regions:
             raise VimarlError("mamt learns its local trust regions; algo.local_trust_regions (MAMD-OP) is for mamd")
-        if config.epsilon_delay < 1 or not 0 < config.epsilon_min <= config.epsilon_max:
-            raise ValueError(f"mamt needs epsilon_delay >= 1 and 0 < epsilon_min <= epsilon_max, got "
-                             f"{config.epsilon_delay}, {config.epsilon_min}, {config.epsilon_max}")
         super().__init__(groups, state_dim, config, device)  # sets epsilon_i = trust_region / n: log_epsilon's start
         observer, target = (~torch.eye(n, dtype=torch.bool)).nonzero().unbind(1)
         self.register_buffer("observer", observer.to(self.device), persistent=False)  # pair p = (observer i, target j)

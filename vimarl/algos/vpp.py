@@ -122,6 +122,11 @@ class VPPConfig:
     """With straight-through or Box actions, let J_pi's gradient reach the neighbours' actions a_Ni
     inside Q_i (false: each agent improves only through its own action)."""
 
+    def __post_init__(self):
+        if not self.alpha > 0:  # held as log alpha
+            raise ValueError(f"alpha={self.alpha} is out of range: it must be positive (the entropy weight is "
+                             f"learned and stored as log alpha)")
+
 
 def make_propagation(config: VPPConfig, in_dim: int) -> nn.Module:
     """The policy's inference layers (M = 0 rounds when `independent`)."""

@@ -53,6 +53,12 @@ RENDER_SIZE = 640
 """render(): the longest side of the image in pixels (at most)."""
 GRAPHS = ("road", "complete")
 """The agents' graph choices (TrafficConfig.graph, SumoConfig.graph)."""
+MAX_DECISION_SECONDS = 3600
+"""Upper bound of decision_seconds (one hour per decision)."""
+MAX_ROAD_LENGTH = 10_000.0
+"""Upper bound of road_length in metres (a road's vehicle slots grow with it)."""
+MAX_SATURATION_FLOW = 10.0
+"""Upper bound of saturation_flow in vehicles per second of green per lane (20x the usual 0.5)."""
 PHASE_COLOURS = np.array([[40, 90, 220], [150, 60, 200], [0, 160, 170], [230, 100, 160],
                           [90, 60, 130], [20, 120, 90], [130, 130, 230], [180, 120, 60]], dtype=np.uint8)
 """render(): intersection colour of each action (phase); the transition phase is drawn black."""
@@ -113,6 +119,12 @@ class SignalGridConfig:
             raise ValueError(f"yellow_seconds must be >= 0, got {self.yellow_seconds}")
         if self.road_length <= 0 or self.speed < 0:
             raise ValueError(f"road_length must be positive and speed >= 0, got {self.road_length}, {self.speed}")
+        # The model keeps per-second and per-vehicle-slot tensors: bound what sizes them.
+        if self.decision_seconds > MAX_DECISION_SECONDS:
+            raise ValueError(f"decision_seconds={self.decision_seconds} is out of range: it must be in "
+                             f"[1, {MAX_DECISION_SECONDS}]")
+        if self.road_length > MAX_ROAD_LENGTH:
+            raise ValueError(f"road_length={self.road_length} is out of range: it must be in (0, {MAX_ROAD_LENGTH}] m")
         if not 0 <= self.demand_vph <= 3600 or self.demand_ew_scale < 0 or self.demand_ns_scale < 0:
             raise ValueError("demand_vph must be in [0, 3600] and the demand scales >= 0")
         if self.demand_vph * max(self.demand_ew_scale, self.demand_ns_scale) > 3600:
@@ -158,6 +170,9 @@ class TrafficConfig(SignalGridConfig):
             raise ValueError("flow needs a roadnet")
         if self.saturation_flow <= 0 or self.jam_spacing <= 0 or self.lanes < 1:
             raise ValueError("saturation_flow, jam_spacing and lanes must be positive")
+        if self.saturation_flow > MAX_SATURATION_FLOW:
+            raise ValueError(f"saturation_flow={self.saturation_flow} is out of range: it must be in "
+                             f"(0, {MAX_SATURATION_FLOW}] vehicles per second of green")
         if not self.roadnet and self.speed == 0:
             raise ValueError(f"speed must be positive on a grid, got {self.speed}")
         if self.route_model not in ("vehicle", "turns"):
