@@ -58,7 +58,7 @@ def main() -> None:
     try:
         while (elapsed := time.monotonic() - started) < args.minutes * 60 and process.poll() is None:
             rss = rss_mb(process.pid)
-            if rss is not None:
+            if rss:  # None once gone, 0 before the interpreter has mapped anything
                 samples.append((elapsed / 60, rss))
                 print(f"{elapsed / 60:7.1f} min  {rss:9.1f} MB", flush=True)
             time.sleep(args.interval)
