@@ -14,6 +14,10 @@ class ContinuousConsensusConfig:
     n: int = 2
     """Grid side."""
 
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+
 
 class ContinuousConsensus(BatchedEnv):
     """Agents on an n x n grid pick a in [-1, 1]; r_i = -1/2 sum_j (a_i - a_j)^2 - (a_i - 0.5)^2."""
