@@ -50,29 +50,61 @@ ALGO_ENV = "grid_coordination"  # every registered algorithm handles its discret
 ALGOS = sorted(name for name in ALGORITHMS if numeric_fields(ALGORITHMS[name].Config))
 
 
-def one_update(env, name: str, field: str, value: float) -> str:
-    """'refused' (one-line VimarlError) or 'ran' (built, acted, updated once on a replayed batch)."""
+CONTINUOUS_ENV = "spread_vm3ac"  # continuous actions: the algorithms' Gaussian / deterministic heads
+CONTINUOUS_ALGOS = sorted(name for name in ALGOS if ALGORITHMS[name].capabilities.continuous)
+RECURRENT_ALGOS = sorted(name for name in ALGOS if "recurrent" in {f.name for f in
+                                                                   dataclasses.fields(ALGORITHMS[name].Config)})
+
+
+def one_update(env, name: str, field: str, value: float, **settings) -> str:
+    """'refused' (one-line VimarlError) or 'ran' (built, acted, updated once on a replayed batch:
+    the latest rollout for on-policy learners, windows of consecutive steps for recurrent ones)."""
     try:
-        algo = vimarl.make_algo(name, env, **{field: value})
-        rollout = algo.rollout_length
-        codec, buffer = fill_replay(env, algo, rollout or 4, capacity=max(rollout or 4, 1) * env.num_envs)
-        algo.update(codec.decode(buffer.ordered() if rollout else buffer.sample(8)))
+        algo = vimarl.make_algo(name, env, **{**settings, field: value})
+        rollout, length = algo.rollout_length, algo.sequence_length
+        steps = rollout or (length or 0) + 4
+        codec, buffer = fill_replay(env, algo, steps, capacity=steps * env.num_envs)
+        rows = (buffer.ordered() if rollout else
+                buffer.sample_sequences(2, length, env.num_envs) if length else buffer.sample(8))
+        algo.update(codec.decode(rows))
     except VimarlError as error:
         refused(error)
         return "refused"
     return "ran"
 
 
-@pytest.mark.parametrize("algo_name", ALGOS)
-def test_every_numeric_algo_field_is_refused_or_works(algo_name):
-    env = make_env(ALGO_ENV, 2)
+def raw_exceptions(env_name: str, algo_name: str, **settings) -> list[str]:
+    env = make_env(env_name, 2)
     failures = []
     for field, value in cases(ALGORITHMS[algo_name].Config):
         try:
-            one_update(env, algo_name, field, value)
+            one_update(env, algo_name, field, value, **settings)
         except Exception as error:  # noqa: BLE001  (the point: which raw exceptions escape)
             failures.append(f"algo.{field}={value}: {type(error).__name__}: {str(error).splitlines()[:1]}")
+    return failures
+
+
+@pytest.mark.parametrize("algo_name", ALGOS)
+def test_every_numeric_algo_field_is_refused_or_works(algo_name):
+    failures = raw_exceptions(ALGO_ENV, algo_name)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("algo_name", CONTINUOUS_ALGOS)
+def test_every_numeric_algo_field_is_refused_or_works_on_continuous_actions(algo_name):
+    failures = raw_exceptions(CONTINUOUS_ENV, algo_name)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("algo_name", RECURRENT_ALGOS)
+def test_every_numeric_algo_field_is_refused_or_works_with_recurrent_agents(algo_name):
+    failures = raw_exceptions(ALGO_ENV, algo_name, recurrent=True, sequence_length=4)
+    assert not failures, "\n".join(failures)
+
+
+def test_the_paths_above_are_exercised():
+    assert {"maddpg", "masac", "vpp", "vm3ac", "mappo"} <= set(CONTINUOUS_ALGOS)
+    assert {"vdn", "qmix"} <= set(RECURRENT_ALGOS)
 
 
 def test_team_members_settings_are_checked_like_the_algorithms():

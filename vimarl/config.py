@@ -278,7 +278,7 @@ POSITIVE = ("lr", "temperature", "target_update_interval", "decision_seconds", "
             "saturation_flow", "jam_spacing", "clip", "trust_region", "meet_distance", "reward_scale",
             "rollout_length", "minibatches", "md_delay", "epsilon_delay",
             "max_displacement", "capture_radius", "lattice_spacing", "start_half_width", "peak_width",
-            "epsilon_min", "epsilon_max", "q_sigma", "map_size", "graph_every")
+            "epsilon_min", "epsilon_max", "q_sigma", "map_size", "graph_every", "counterfactual_samples")
 """Numeric fields that must be positive (they divide, or a zero makes the setting meaningless)."""
 
 

@@ -157,6 +157,23 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
     return codec, buffer
 
 
+def check_env_step(step: TimeStep, env_name: str, env_steps: int) -> None:
+    """NaN / Inf in an environment's observations or rewards: one fused reduction per step (a sum
+    that is finite exactly when every term is) and one host sync; the culprit is only looked for
+    once something is wrong. Cost: benchmarks/vpp_update.py, "env.step" table (docs/benchmarks.md)."""
+    values = [t for g in step.groups.values() for t in (g.obs, g.reward)]
+    if bool(torch.isfinite(torch.stack([v.float().sum() for v in values]).sum())):
+        return
+    for name, group in step.groups.items():
+        for field_name, value in (("observation", group.obs), ("reward", group.reward)):
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                env_index, agent = (int(i) for i in bad.nonzero()[0][:2])
+                raise NonFiniteError(f"env {env_name} returned a non-finite {field_name} for agent {agent} of "
+                                     f"group '{name}' (sub-environment {env_index}) at env step {env_steps}; "
+                                     f"the environment, not the learner, produced it")
+
+
 class Trainer:
     """Runs one (algorithm, environment, seed) to `total_steps`; see the module docstring."""
 
@@ -257,7 +274,7 @@ class Trainer:
         else:
             actions = act(self.algo, self.step, explore=True)
         next_step = self.env.step(actions)
-        self._check_env_step(next_step)
+        check_env_step(next_step, self.run.env, self.env_steps)
         self.algo.observe(self.step, actions, next_step)
         self.buffer.add(self.codec.encode(self.step, actions, next_step, self.algo.replay_values(actions)))
         self.episode_returns += torch.stack([next_step.groups[g].reward.sum(-1) for g in self.algo.groups])
@@ -282,22 +299,6 @@ class Trainer:
             rows = (self.buffer.sample_sequences(max(1, config.batch_size // length), length, self.env.num_envs)
                     if length else self.buffer.sample(config.batch_size))
             self._record(self.algo.update(self.codec.decode(rows)))
-
-    def _check_env_step(self, step: TimeStep) -> None:
-        """NaN / Inf in the environment's observations or rewards: one fused reduction per step
-        (a sum that is finite exactly when every term is) and one host sync; the culprit is only
-        looked for once something is wrong."""
-        values = [t for g in step.groups.values() for t in (g.obs, g.reward)]
-        if bool(torch.isfinite(torch.stack([v.float().sum() for v in values]).sum())):
-            return
-        for name, group in step.groups.items():
-            for field_name, value in (("observation", group.obs), ("reward", group.reward)):
-                bad = ~torch.isfinite(value)
-                if bool(bad.any()):
-                    env_index, agent = (int(i) for i in bad.nonzero()[0][:2])
-                    raise NonFiniteError(f"env {self.run.env} returned a non-finite {field_name} for agent {agent} of "
-                                         f"group '{name}' (sub-environment {env_index}) at env step {self.env_steps}; "
-                                         f"the environment, not the learner, produced it")
 
     def _check_finite(self, metrics: dict[str, Tensor]) -> None:
         """Losses and gradient norms of one update (one host sync): NaN / Inf stops the run."""
