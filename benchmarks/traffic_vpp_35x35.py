@@ -27,7 +27,8 @@ from common import print_machine
 
 import vimarl
 from vimarl.envs.traffic import FixedTimePolicy, MaxPressurePolicy
-from vimarl.train import eval_seed, evaluate, load_trained
+from vimarl.checkpoint import load_trained
+from vimarl.train import eval_seed, evaluate
 
 ENV = "traffic_grid_35x35"
 

@@ -1,6 +1,6 @@
 """Every numeric field of every config, set to 0, -1, nan, inf and a huge value: either a one-line
 `VimarlError` (what the CLI prints as `vimarl: error: ...`) or a working algorithm / environment,
-never another exception (issue 21, item 2; the rules are in vimarl.config.check_ranges)."""
+never another exception (issue 21, item 2; the rules are in vimarl.fields.check_ranges)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import vimarl
 from vimarl.algos import ALGORITHMS
 from vimarl.algos.base import UniformPolicy
-from vimarl.config import TrainConfig, build
+from vimarl.config import TrainConfig
+from vimarl.fields import build
 from vimarl.envs.registry import ENVIRONMENTS, make_env
 from vimarl.errors import VimarlError
 from vimarl.train import act, fill_replay

@@ -8,9 +8,9 @@ import pytest
 
 import vimarl
 from vimarl.algos import ALGORITHMS
-from vimarl.config import (TrainConfig, build, coerce, field_docs, load_yaml, parse_overrides,
-                           resolve)
+from vimarl.config import TrainConfig, load_yaml, parse_overrides, resolve
 from vimarl.envs.registry import ENVIRONMENTS
+from vimarl.fields import build, coerce, field_docs
 from vimarl.errors import VimarlError
 
 

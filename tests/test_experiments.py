@@ -12,7 +12,8 @@ import torch
 
 import vimarl
 from vimarl.algos import get_algorithm
-from vimarl.config import build, find_preset, load_yaml, parse_overrides, resolve
+from vimarl.config import find_preset, load_yaml, parse_overrides, resolve
+from vimarl.fields import build
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 from vimarl.sweep import expand, experiment_names, fair_overrides, load_experiment, planned_updates, schedule_value
@@ -180,7 +181,8 @@ def test_train_returns_are_per_group_and_the_first_group_is_the_team(tmp_path):
 
 
 def test_every_config_field_of_the_trainer_is_documented():
-    from vimarl.config import TrainConfig, field_docs
+    from vimarl.config import TrainConfig
+    from vimarl.fields import field_docs
     assert set(field_docs(TrainConfig)) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 

@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from vimarl.config import field_docs, parse_overrides, resolve
+from vimarl.config import parse_overrides, resolve
+from vimarl.fields import field_docs
 from vimarl.envs.graph import (
     Graph,
     counter_random_k_graph,

@@ -17,7 +17,8 @@ from vimarl.buffer import ReplayBuffer, Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
-from vimarl.train import _run_episodes, evaluate, fill_replay, load_trained
+from vimarl.checkpoint import load_trained
+from vimarl.train import _run_episodes, evaluate, fill_replay
 
 G = "agents"
 

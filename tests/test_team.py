@@ -10,7 +10,8 @@ import vimarl
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
 from vimarl.nn.centralized import CRITIC_ACTION
-from vimarl.train import act, fill_replay, load_trained
+from vimarl.checkpoint import load_trained
+from vimarl.train import act, fill_replay
 
 QUICK = dict(total_steps=200, warmup_steps=100, update_every=25, batch_size=16, eval_every=200,
              eval_episodes=2, progress=False, tensorboard=False)

@@ -21,7 +21,8 @@ from vimarl.envs.traffic import (
 )
 from vimarl.envs.traffic.network import STANDARD_PHASES
 from vimarl.errors import VimarlError
-from vimarl.train import eval_seed, evaluate, load_trained
+from vimarl.checkpoint import load_trained
+from vimarl.train import eval_seed, evaluate
 
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data"

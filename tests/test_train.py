@@ -1,5 +1,6 @@
 """The trainer: run outputs, exact resume, checkpoint errors."""
 
+import importlib
 import json
 import shutil
 
@@ -110,6 +111,18 @@ def test_reuse_freed_memory_takes_effect_on_glibc():
     from vimarl.train import reuse_freed_memory
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert reuse_freed_memory() == expected
+
+
+def test_freed_memory_is_reused_only_when_asked(monkeypatch):
+    """It changes the whole process's malloc: off by default (library calls and CLI alike)."""
+    train_module = importlib.import_module("vimarl.train")  # `vimarl.train` the attribute is the function
+    from vimarl.config import TrainConfig
+    calls = []
+    monkeypatch.setattr(train_module, "reuse_freed_memory", lambda: calls.append(1) or True)
+    train_module.configure_process(TrainConfig())
+    assert calls == []
+    train_module.configure_process(TrainConfig(reuse_freed_memory=True))
+    assert calls == [1]
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
 from vimarl.logging import read_metrics
-from vimarl.train import fill_replay, load_trained
+from vimarl.checkpoint import load_trained
+from vimarl.train import fill_replay
 
 from test_learning import uniform_return
 from toy_envs import register_test_envs

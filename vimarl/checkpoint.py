@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from vimarl.algos import Algorithm, make_algo
+from vimarl.config import RunConfig, run_config_from_dict
 from vimarl.envs.base import GroupStep, TimeStep
 from vimarl.envs.graph import Graph
+from vimarl.envs.registry import make_env
 from vimarl.errors import VimarlError
 
 FORMAT = "vimarl-checkpoint"
@@ -148,6 +151,21 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
                 raise
             warnings.warn(f"{error}; using the earlier checkpoint {earlier.name}", stacklevel=2)
     return candidates[-1], load(candidates[-1], map_location)
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algorithm, dict[str, Any]]:
+    """(run config, algorithm with trained weights, checkpoint) from a run directory or .pt file:
+    what `vimarl eval`, the reference policies of a report and frozen team members load."""
+    _, content = load_latest(Path(path), map_location=device)
+    run = run_config_from_dict(content["run"])
+    env = make_env(run.env, 1, 0, device, config=run.env_config)
+    algo = make_algo(run.algo, env, config=run.algo_config, device=device)
+    try:
+        algo.load_state_dict(content["algo"])
+    except (RuntimeError, KeyError) as error:
+        raise VimarlError(f"checkpoint of {path} does not fit {run.algo} with its saved config "
+                          f"({str(error).splitlines()[0][:100]}); was it written by another vimarl version?") from None
+    return run, algo, content
 
 
 def step_of(path: Path) -> int:

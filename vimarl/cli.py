@@ -50,7 +50,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from vimarl.envs.registry import make_env
-    from vimarl.train import FINAL_EVAL_SEED, evaluate, load_trained
+    from vimarl.checkpoint import load_trained
+    from vimarl.train import FINAL_EVAL_SEED, evaluate
     from vimarl.video import write_gif
 
     if args.episodes < 1:

@@ -271,7 +271,7 @@ def arm_settings(config: dict[str, Any], tested_group: str | None = None) -> dic
     """The settings of a run's config.yaml that the configuration table shows. For a team, those of
     the member playing `tested_group` (default: the first member listed), and its opponents."""
     from vimarl.algos import get_algorithm
-    from vimarl.config import as_dict, build
+    from vimarl.fields import as_dict, build
 
     algo_config = config["algo_config"]
     settings: dict[str, Any] = {}

@@ -581,13 +581,13 @@ def summary_rows(experiment: dict, cells: list[Cell]) -> list[dict[str, Any]]:
 
 def random_baseline(experiment: dict, env_label: str, episodes: int = 100) -> float:
     """The compared metric for uniformly random actions on the episodes of every run's final evaluation."""
-    import vimarl
     from vimarl.algos.base import UniformPolicy
+    from vimarl.envs.registry import make_env
     from vimarl.train import FINAL_EVAL_SEED, evaluate
 
     env_spec = experiment["envs"][env_label] or {}
     options = {k.removeprefix("env."): v for k, v in (env_spec.get("overrides") or {}).items() if k.startswith("env.")}
-    env = vimarl.make_env(env_spec.get("env", env_label), episodes, seed=FINAL_EVAL_SEED, **options)
+    env = make_env(env_spec.get("env", env_label), episodes, seed=FINAL_EVAL_SEED, **options)
     env_metrics: dict = {}
     returns = evaluate(UniformPolicy(env.groups), env, seed=FINAL_EVAL_SEED, metrics=env_metrics)
     value = ({"eval_return_mean": returns[next(iter(returns))]} | {f"eval_return/{g}": r for g, r in returns.items()}

@@ -588,18 +588,4 @@ def _resume(run_dir: Path, overrides: dict[str, dict]) -> Path:
 
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> tuple[RunConfig, Algorithm, dict[str, Any]]:
-    """(run config, algorithm with trained weights, checkpoint) from a run directory or .pt file."""
-    _, content = checkpoint.load_latest(Path(path), map_location=device)
-    run = run_config_from_dict(content["run"])
-    env = make_env(run.env, 1, 0, device, config=run.env_config)
-    algo = make_algo(run.algo, env, config=run.algo_config, device=device)
-    try:
-        algo.load_state_dict(content["algo"])
-    except (RuntimeError, KeyError) as error:
-        raise VimarlError(f"checkpoint of {path} does not fit {run.algo} with its saved config "
-                          f"({str(error).splitlines()[0][:100]}); was it written by another vimarl version?") from None
-    return run, algo, content
-
-
-__all__ = ["Trainer", "evaluate", "fill_replay", "load_trained", "oracle_fraction", "reference_returns", "train"]
+__all__ = ["Trainer", "evaluate", "fill_replay", "oracle_fraction", "reference_returns", "train"]

@@ -6,8 +6,8 @@ from typing import Any
 
 from vimarl.algos import dgn, ip, iql, isac, maac, maddpg, mamd, mamt, mappo, masac, mfq, pic, qmix, team, vdn, vm3ac, vpp  # noqa: F401  (registers the algorithms)
 from vimarl.algos.base import ALGORITHMS, Algorithm, Capabilities, get_algorithm, register
-from vimarl.config import config_for
 from vimarl.envs.base import BatchedEnv
+from vimarl.fields import config_for
 
 
 def make_algo(name: str, env: BatchedEnv, config: Any = None, device: str | None = None,

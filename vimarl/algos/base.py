@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,22 +44,6 @@ class Capabilities:
         actions = "/".join(k for k in ("discrete", "continuous") if getattr(self, k))
         extra = [k for k in ("needs_state", "needs_graph", "heterogeneous") if getattr(self, k)]
         return ", ".join([actions, *extra])
-
-
-@dataclass(frozen=True)
-class TeamView:
-    """What a team member's centralised critics read beyond its own groups (see algos/team.py).
-
-    Paper 003 defines Q_i(s, a) over all agents, as MADDPG does, so in a mixed team every member's
-    critic sees every group, opponents included, and the members' critics have one layout.
-    """
-
-    groups: dict[str, GroupSpec]
-    """Every group the critics read, the member's own included, in the environment's order."""
-    others_actions: Callable[[Transition, bool], dict[str, Tensor]]
-    """(batch, lookahead) -> the other members' groups' actions as critic inputs, detached: at s'
-    from each member's look-ahead policy when `lookahead`, else at s from their current policies
-    (`Algorithm.critic_actions`)."""
 
 
 class Algorithm(nn.Module, ABC):

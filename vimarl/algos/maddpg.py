@@ -89,11 +89,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, TeamView, adam, frozen, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, adam, frozen, polyak, register
 from vimarl.buffer import ExtraFields, Transition
 from vimarl.envs.base import ActionSpace, Box, Discrete, GroupSpec
-from vimarl.nn.centralized import (CRITIC_ACTION, ActionParams, BatchedLinear, CentralQ, CriticLayout, joint_input,
-                                   policies_with_targets, replayed_critic_inputs, td_target)
+from vimarl.nn.centralized import (CRITIC_ACTION, ActionParams, BatchedLinear, CentralQ, CriticLayout, TeamView,
+                                   joint_input, policies_with_targets, replayed_critic_inputs, td_target)
 from vimarl.nn.distributions import Gaussian, PolicyHead, action_features
 
 

@@ -53,11 +53,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, TeamView, adam, agent_mean, frozen, polyak, register
+from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, frozen, polyak, register
 from vimarl.buffer import Transition
 from vimarl.envs.base import Discrete, GroupSpec
-from vimarl.nn.centralized import (ActionParams, CentralQ, CriticLayout, joint_input, policies_with_targets,
-                                   replayed_critic_inputs, td_target)
+from vimarl.nn.centralized import (ActionParams, CentralQ, CriticLayout, TeamView, joint_input,
+                                   policies_with_targets, replayed_critic_inputs, td_target)
 from vimarl.nn.distributions import Categorical, PolicyHead, PolicySample, TanhGaussian
 
 

@@ -44,11 +44,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from vimarl.algos.base import Algorithm, Capabilities, TeamView, get_algorithm, register
+from vimarl.algos.base import Algorithm, Capabilities, get_algorithm, register
 from vimarl.buffer import ExtraFields, Transition
-from vimarl.config import config_for
 from vimarl.envs.base import GroupSpec
 from vimarl.errors import VimarlError, did_you_mean
+from vimarl.fields import config_for
+from vimarl.nn.centralized import TeamView
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Team(Algorithm):
                               f"members use {sorted(set(members.values()))}")
 
     def load_frozen(self, group: str, path: str, spec: GroupSpec) -> Algorithm:
-        from vimarl.train import load_trained  # train imports the algorithms: import when needed
+        from vimarl.checkpoint import load_trained  # it imports the algorithms, this one among them
 
         run, algo, _ = load_trained(path, str(self.device))
         if group not in algo.groups:

@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from vimarl.config import config_for
 from vimarl.envs.base import BatchedEnv
 from vimarl.envs.traffic.cities import CITIES as _CITIES
 from vimarl.envs.traffic.cities import PREFIX as _DATA_PREFIX
 from vimarl.envs.traffic.cities import missing as _missing_file
 from vimarl.errors import VimarlError, unknown
+from vimarl.fields import config_for
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@
   an algorithm's critics read exactly the groups it controls; as a member of a mixed team
   (algos/team.py, `TeamView`) they read every group of the environment, in its order, as paper
   003's Q_i(s, a) over all agents does, and keep rows only for the member's own agents.
+- `TeamView`: what a team member's critics read of the groups the other members control.
 - `replayed_critic_inputs`: the replayed actions as critic inputs, what the acting algorithm
   stored (`CRITIC_ACTION`, e.g. MADDPG's relaxed samples) or else their one-hots.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +35,22 @@ from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.nn.distributions import action_dim, action_features
 from vimarl.nn.mlp import mlp
 
-if TYPE_CHECKING:
-    from vimarl.algos.base import TeamView
+
+@dataclass(frozen=True)
+class TeamView:
+    """What a team member's centralised critics read beyond its own groups (see vimarl/algos/team.py).
+
+    Paper 003 defines Q_i(s, a) over all agents, as MADDPG does, so in a mixed team every member's
+    critic sees every group, opponents included, and the members' critics have one layout.
+    """
+
+    groups: dict[str, GroupSpec]
+    """Every group the critics read, the member's own included, in the environment's order."""
+    others_actions: Callable[[Transition, bool], dict[str, Tensor]]
+    """(batch, lookahead) -> the other members' groups' actions as critic inputs, detached: at s'
+    from each member's look-ahead policy when `lookahead`, else at s from their current policies
+    (`Algorithm.critic_actions`)."""
+
 
 CRITIC_ACTION = "critic_action"
 """Replay field (`Algorithm.replay_fields`) of the critic input an action was acted with, [N, A]
@@ -153,7 +168,7 @@ class CriticLayout(nn.Module):
     from the other members through `others_actions`.
     """
 
-    def __init__(self, own: dict[str, GroupSpec], team: "TeamView | None" = None):
+    def __init__(self, own: dict[str, GroupSpec], team: TeamView | None = None):
         super().__init__()
         self.own, self.team = own, team
         self.seen = team.groups if team is not None else own
