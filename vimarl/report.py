@@ -254,10 +254,10 @@ def budget_lines(experiment: dict, cells: list[dict[str, Any]]) -> list[str]:
 
 # -- configurations ---------------------------------------------------------------------------
 def _shown_algo_field(name: str) -> bool:
-    """Learning rates, discount, target rate, widths, exploration, gradient clipping, reward
-    scaling, critic design and the discrete policy gradient."""
-    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "temperature", "exploration", "discrete_gradient",
-                     "normalize_rewards")
+    """Learning rates, discount, target rate, widths, exploration, entropy weights (alpha, VM3-AC's
+    beta) and latents, gradient clipping, reward scaling, critic design and the discrete policy gradient."""
+    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "beta", "latent_dim", "temperature", "exploration",
+                     "discrete_gradient", "normalize_rewards")
             or name.endswith("_lr") or name.startswith(("epsilon_", "reward_", "critic_"))
             or any(part in name for part in ("hidden", "units", "embed", "clip", "grad_norm", "delay")))
 
