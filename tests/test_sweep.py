@@ -152,11 +152,12 @@ def test_resume_skips_finished_cells_and_resumes_an_interrupted_one(swept, tmp_p
     with pytest.raises(VimarlError, match="--resume"):
         sweep(TINY, out=out, only="*/vpp-*", **QUIET)
     first = json.loads((out / "sweep.json").read_text())
-    sweep(TINY, out=out, workers=2, only="*/vpp-*", resume=True, command="vimarl sweep again", **QUIET)
+    sweep(TINY, out=out, workers=1, only="*/vpp-*", resume=True, command="vimarl sweep again", **QUIET)
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not run again
     ledger = json.loads((out / "sweep.json").read_text())
     assert (ledger["command"], ledger["started"], len(ledger["resumed"])) == (first["command"], first["started"], 1)
     assert ledger["wall_s"] > first["wall_s"]  # the first session's wall time plus this one's
+    assert (ledger["machine"], ledger["workers"]) == (first["machine"], "2, then 1")  # every session named
     cells = {f"{c['env_label']}/{c['label']}-s{c['seed']}": c for c in ledger["cells"]}
     assert all(c["status"] == "done" for c in cells.values())
     assert [cells[k]["attempts"] for k in ("grid3/vpp-s0", "grid3/vpp-s1", "grid2/vpp-s0")] == [1, 1, 1]

@@ -370,7 +370,8 @@ def report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
              f"- machine: {ledger['machine']}; backend {ledger['backend']}, {ledger['workers']} workers; "
              f"started {ledger['started']}, "
              + (f"{ledger['wall_s']:.0f} s wall" if ledger["wall_s"] else "wall time not recorded (cells run before)")
-             + (f" over {1 + len(ledger['resumed'])} sessions" if ledger.get("resumed") else ""),
+             + (f" over {1 + len(ledger['resumed'])} sessions" if ledger.get("resumed") else "")
+             + f"; the runs' own wall times sum to {sum(c['wall_s'] for c in cells):,.0f} s",
              f"- cells: {done} of {len(cells)} finished" + (
                  f"; not finished: {', '.join(c['env_label'] + '/' + c['label'] + '-s' + str(c['seed']) for c in cells if c['status'] != 'done')}"
                  if done < len(cells) else ""), "",

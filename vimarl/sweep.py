@@ -514,6 +514,12 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     if "started" in before:  # a resumed sweep keeps its first command and start, and adds up wall time
         header.update(command=before["command"], started=before["started"],
                       resumed=[*before.get("resumed", []), *([header["started"]] if todo else [])])
+        if todo:  # cells run on another machine or with other workers: the report names every one
+            for key in ("machine", "workers"):
+                last = str(before[key]).split(", then ")[-1]
+                header[key] = before[key] if last == str(header[key]) else f"{before[key]}, then {header[key]}"
+        else:
+            header.update(machine=before["machine"], workers=before["workers"])
     say(f"{experiment['name']} ({scale}): {len(cells)} cells, {len(cells) - len(todo)} finished already, "
         f"{len(todo)} to run on {backend} with {workers} workers -> {sweep_dir}")
     write_ledger(sweep_dir, header, cells)
