@@ -107,8 +107,12 @@ class ReplayBuffer:
             self.position = self.size = 0
             return
         self.position, self.size = state["position"], state["size"]
-        for name, stored in state["data"].items():
-            self.data[name][: self.size] = stored.to(self.device)
+        missing = set(self.data) - set(state["data"])
+        if missing:
+            raise VimarlError(f"the saved replay buffer lacks the fields {sorted(missing)}; resume with "
+                              f"save_buffer=false (the replay then refills) or from a checkpoint that has them")
+        for name, storage in self.data.items():  # fields saved by an older layout and no longer stored are dropped
+            storage[: self.size] = state["data"][name].to(self.device)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -190,6 +194,13 @@ class Transition:
                           for g in groups], dim=1)
 
 
+def static_graphs(groups: dict[str, GroupSpec], step: TimeStep) -> dict[str, Graph]:
+    """{group: its graph in sub-environment 0 [N, K]} for the groups whose graph is static
+    (`GroupSpec.static_graph`), read off a TimeStep of the environment."""
+    return {name: Graph(step.groups[name].graph.neighbors[0].long(), step.groups[name].graph.mask[0])
+            for name, spec in groups.items() if spec.static_graph and spec.graph_k is not None}
+
+
 ExtraFields = dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]
 """Extra replay fields an algorithm declares: {field: {group: (per-row shape, dtype)}}."""
 
@@ -198,13 +209,19 @@ class TransitionCodec:
     """Flattens transitions of the given groups into buffer rows and back.
 
     `extra` declares fields beyond the transition itself (see `ExtraFields`); `encode` then needs
-    their values for every step, stored as rows "<group>/extra/<field>".
+    their values for every step, stored as rows "<group>/extra/<field>". `state_dim` 0 stores no
+    global state (for algorithms that do not read it: `Algorithm.reads_state`). The graphs in
+    `static_graphs` (groups whose `GroupSpec.static_graph`, as `static_graphs(groups, step)` gives
+    them) are kept once, here, and every decoded batch gets them instead of stored rows.
     """
 
-    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, extra: ExtraFields | None = None):
+    def __init__(self, groups: dict[str, GroupSpec], state_dim: int, extra: ExtraFields | None = None,
+                 static_graphs: dict[str, Graph] | None = None):
         self.groups = groups
         self.state_dim = state_dim
         self.extra = extra or {}
+        self.static_graphs = static_graphs or {}
+        """{group: Graph [N, K]}: one sub-environment's graph, the same for every row."""
 
     def fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"terminated": ((), torch.bool),
@@ -220,7 +237,7 @@ class TransitionCodec:
             fields[f"{name}/reward"] = ((n,), torch.float32)
             for prefix in ("", "next_"):
                 fields[f"{name}/{prefix}obs"] = ((n, spec.obs_dim), torch.float32)
-                if spec.graph_k is not None:
+                if spec.graph_k is not None and name not in self.static_graphs:
                     # int32 halves the storage of large graphs; indices are < 2**31.
                     fields[f"{name}/{prefix}neighbors"] = ((n, spec.graph_k), torch.int32)
                     fields[f"{name}/{prefix}mask"] = ((n, spec.graph_k), torch.bool)
@@ -249,7 +266,7 @@ class TransitionCodec:
             for prefix, source in (("", step), ("next_", final)):
                 group = source.groups[name]
                 rows[f"{name}/{prefix}obs"] = group.obs
-                if spec.graph_k is not None:
+                if spec.graph_k is not None and name not in self.static_graphs:
                     rows[f"{name}/{prefix}neighbors"] = group.graph.neighbors
                     rows[f"{name}/{prefix}mask"] = group.graph.mask
                 if spec.has_action_mask:
@@ -259,9 +276,14 @@ class TransitionCodec:
         return rows
 
     def decode(self, rows: dict[str, Tensor]) -> Transition:
+        lead = rows["terminated"].shape  # [b], or [T, W] for windows
+
         def graph(name: str, prefix: str) -> Graph | None:
             if self.groups[name].graph_k is None:
                 return None
+            if name in self.static_graphs:
+                static = self.static_graphs[name]
+                return Graph(static.neighbors.expand(*lead, -1, -1), static.mask.expand(*lead, -1, -1))
             return Graph(rows[f"{name}/{prefix}neighbors"].long(), rows[f"{name}/{prefix}mask"])
 
         def per_group(key: str) -> dict[str, Tensor | None]:

@@ -38,7 +38,7 @@ from torch import Tensor
 from vimarl import checkpoint
 from vimarl.algos import Algorithm, make_algo
 from vimarl.algos.base import UniformPolicy
-from vimarl.buffer import ReplayBuffer, TransitionCodec
+from vimarl.buffer import ReplayBuffer, TransitionCodec, static_graphs
 from vimarl.config import RunConfig, TrainConfig, parse_overrides, resolve, run_config_from_dict
 from vimarl.envs.base import BatchedEnv, TimeStep
 from vimarl.envs.controllers import SCRIPTED_POLICIES, scripted_policy
@@ -141,13 +141,20 @@ def act(algo: Algorithm, step: TimeStep, *, explore: bool) -> dict[str, Tensor]:
                     state=step.state)
 
 
+def replay_codec(algo: Algorithm, env: BatchedEnv, step: TimeStep) -> TransitionCodec:
+    """What the replay stores for `algo`: the global state only if it reads it, static graphs
+    once (read off `step`), and the algorithm's extra fields."""
+    return TransitionCodec(algo.groups, env.state_dim if algo.reads_state else 0, algo.replay_fields(),
+                           static_graphs(algo.groups, step))
+
+
 def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | None = None,
                 seed: int = 0) -> tuple[TransitionCodec, ReplayBuffer]:
     """A replay buffer filled by `steps` vectorised steps of `algo` exploring in `env` (for
     tests, benchmarks and offline experiments; the Trainer collects the same way)."""
-    codec = TransitionCodec(algo.groups, env.state_dim, algo.replay_fields())
-    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed)
     step = env.reset(seed=seed)
+    codec = replay_codec(algo, env, step)
+    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed)
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
@@ -189,7 +196,8 @@ class Trainer:
         self.env = make_env(run.env, self.config.num_envs, self.config.seed, device, config=run.env_config)
         self.eval_env = make_env(run.env, self.config.eval_episodes, eval_seed(0), device, config=run.env_config)
         self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
-        self.codec = TransitionCodec(self.algo.groups, self.env.state_dim, self.algo.replay_fields())
+        self.step = self.env.reset(seed=self.config.seed)
+        self.codec = replay_codec(self.algo, self.env, self.step)
         rollout = self.algo.rollout_length  # on-policy: the buffer holds exactly one rollout
         capacity = rollout * self.config.num_envs if rollout else self.config.buffer_size
         self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed)
@@ -197,7 +205,6 @@ class Trainer:
         self.random_actions.manual_seed(self.config.seed + 1)
         self.env_steps = self.updates = 0
         self.wall_s = 0.0
-        self.step = self.env.reset(seed=self.config.seed)
         self.episode_returns = torch.zeros(len(self.algo.groups), self.config.num_envs, device=device)
         self.finished_returns: list[Tensor] = []
         self.metric_sums: dict[str, Tensor] = {}

@@ -107,6 +107,12 @@ class Algorithm(nn.Module, ABC):
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
         """Every collected vectorised step, as it is stored (e.g. MAAC's reward statistics)."""
 
+    @property
+    def reads_state(self) -> bool:
+        """Its updates read the global state (`Transition.state`), so the replay stores it; by
+        default what `Capabilities.needs_state` says."""
+        return self.capabilities.needs_state
+
     def replay_fields(self) -> ExtraFields:
         """Extra per-group fields the replay should store for this algorithm, {field: {group:
         (per-row shape, dtype)}}, read back as `Transition.extra` (e.g. MADDPG's relaxed action

@@ -141,6 +141,10 @@ class Team(Algorithm):
         return {name: algo.critic_input_dim for name, algo in self.learners.items()
                 if hasattr(algo, "critic_input_dim")}
 
+    @property
+    def reads_state(self) -> bool:
+        return any(algo.reads_state for algo in self.learners.values())
+
     def replay_fields(self) -> ExtraFields:
         fields: ExtraFields = {}
         for algo in self.learners.values():

@@ -67,6 +67,9 @@ class GroupSpec:
     has_action_mask: bool = False
     can_leave: bool = False
     """Agents may leave an episode before it ends (GroupStep.alive marks who is still in)."""
+    static_graph: bool = False
+    """The group's graph is the same in every sub-environment at every step (a road network, a
+    complete graph): the replay stores it once instead of in every transition."""
 
     @property
     def discrete(self) -> bool:

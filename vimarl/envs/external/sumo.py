@@ -555,7 +555,7 @@ class SumoTrafficEnv(BatchedEnv):
         dev = self.device
         self.graph = intersection_graph(c.graph, *layout.graph, num_envs, dev)
         self.groups = {"agents": GroupSpec(n_agents=n, obs_dim=OBS_DIM, action_space=Discrete(N_PHASES),
-                                           graph_k=self.graph.k)}
+                                           graph_k=self.graph.k, static_graph=True)}
         self.state_dim = 10 * n + 1
         self.phase = torch.zeros(num_envs, n, dtype=torch.int64, device=dev)
         self.yellow_left = torch.zeros_like(self.phase)

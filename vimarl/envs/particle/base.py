@@ -105,7 +105,8 @@ class ParticleEnv(BatchedEnv):
         for index, group in enumerate(self.agent_groups):
             self.graphs[group.name] = self.make_graph(index, group)
             self.groups[group.name] = GroupSpec(group.n_agents, group.obs_dim, group.action_space or movement,
-                                                role=group.role, graph_k=self.graph_k(group))
+                                                role=group.role, graph_k=self.graph_k(group),
+                                                static_graph=self.config.graph == "complete")
         self.state_dim = self.world.position.shape[1] * 2 + self.world.n_agents * 2
 
     # -- agent graphs ----------------------------------------------------------------------------

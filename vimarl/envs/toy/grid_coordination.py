@@ -73,8 +73,8 @@ class GridCoordination(BatchedEnv):
             self.static_graph = complete_graph(n_agents, num_envs, device=self.device)
         graph_k = config.graph_k if self.static_graph is None else self.static_graph.k
         obs_dim = 1 + (n_agents if config.agent_ids else 0)
-        self.groups = {"agents": GroupSpec(n_agents=n_agents, obs_dim=obs_dim,
-                                           action_space=Discrete(2), graph_k=graph_k)}
+        self.groups = {"agents": GroupSpec(n_agents=n_agents, obs_dim=obs_dim, action_space=Discrete(2),
+                                           graph_k=graph_k, static_graph=self.static_graph is not None)}
         obs = torch.ones(num_envs, n_agents, 1, device=self.device)
         if config.agent_ids:
             ids = torch.eye(n_agents, device=self.device).expand(num_envs, -1, -1)

@@ -70,7 +70,8 @@ class TwoAgentsMeet(BatchedEnv):
         super().__init__(config, num_envs, seed, device)
         self.max_steps = config.episode_length
         bound = config.max_displacement
-        self.groups = {"agents": GroupSpec(n_agents=2, obs_dim=2, action_space=Box(-bound, bound, 2), graph_k=1)}
+        self.groups = {"agents": GroupSpec(n_agents=2, obs_dim=2, action_space=Box(-bound, bound, 2), graph_k=1,
+                                                   static_graph=True)}
         self.graph = complete_graph(2, num_envs, device=self.device)  # each agent's neighbour is the other
         self.start = torch.tensor(START, device=self.device)
         self.position = self.start.expand(num_envs, -1, -1).clone()

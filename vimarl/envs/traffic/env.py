@@ -265,7 +265,7 @@ class TrafficSignalEnv(BatchedEnv):
 
         self.graph = intersection_graph(c.graph, *net.neighbors(), num_envs, dev)
         self.groups = {"agents": GroupSpec(n_agents=n, obs_dim=OBS_DIM, action_space=Discrete(N_PHASES),
-                                           graph_k=self.graph.k)}
+                                           graph_k=self.graph.k, static_graph=True)}
         self.state_dim = 10 * n + 1
         self.ar_b = torch.arange(num_envs, device=dev)
         self.ar_r = torch.arange(r, device=dev)

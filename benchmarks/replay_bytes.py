@@ -1,0 +1,55 @@
+"""Replay bytes per transition: the full layout (every field in every row) against what the
+replay stores now (the global state only for algorithms that read it, static graphs once).
+
+For each (environment, algorithm) the two layouts are the `TransitionCodec` fields of one row
+(`vimarl.train.replay_codec` for the current one); nothing is allocated, so the numbers are exact
+and do not depend on the machine's load. The last column is the largest replay that fits in 16 GB.
+s' is still stored in full (obs and next_obs): storing each vectorised step once is the rest of
+issue 22's item 1.
+
+    python benchmarks/replay_bytes.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import vimarl
+from common import format_bytes, print_table
+from vimarl.buffer import TransitionCodec
+from vimarl.train import replay_codec
+
+CASES = (
+    ("coop_nav_n200", {}, "vpp"),
+    ("traffic_grid_35x35", {}, "vpp"),
+    ("traffic_grid_35x35", {}, "dgn"),
+    ("traffic_grid_35x35", {"graph": "complete"}, "vpp"),
+    ("traffic_grid_10x10", {"graph": "complete"}, "vpp"),
+    ("traffic_grid_10x10", {}, "qmix"),
+    ("jungle", {}, "vpp"),
+)
+MEMORY = 16e9
+
+
+def row_bytes(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
+
+
+def main() -> None:
+    rows = []
+    for env_name, options, algo_name in CASES:
+        env = vimarl.make_env(env_name, 1, seed=0, **options)
+        algo = vimarl.make_algo(algo_name, env)
+        full = row_bytes(TransitionCodec(algo.groups, env.state_dim, algo.replay_fields()).fields())
+        lean = row_bytes(replay_codec(algo, env, env.reset(seed=0)).fields())
+        label = env_name + "".join(f" {k}={v}" for k, v in options.items())
+        rows.append([label, algo_name, format_bytes(full), format_bytes(lean), f"{full / lean:.2f}x",
+                     f"{int(MEMORY / full):,}", f"{int(MEMORY / lean):,}"])
+    print("Replay bytes per transition: full layout vs declared fields and static graphs once\n")
+    print_table(["env", "algorithm", "full layout", "now", "ratio", "rows in 16 GB (full)", "rows in 16 GB (now)"], rows)
+
+
+if __name__ == "__main__":
+    main()

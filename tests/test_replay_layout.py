@@ -1,0 +1,123 @@
+"""What the replay stores (issue 22, item 1 in part): the global state only for algorithms that
+read it, and static graphs (road networks, complete graphs) once instead of in every row. The
+batches an algorithm sees are value for value those of the full layout (every field in every row)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vimarl
+from vimarl.algos import ALGORITHMS
+from vimarl.buffer import ReplayBuffer, Transition, TransitionCodec
+from vimarl.envs.graph import Graph
+from vimarl.train import act, replay_codec
+
+SETTINGS = {"team": {"members": {"agents": "vpp"}}}
+"""Algorithms that need settings to be built at all."""
+
+
+def full_codec(algo, env) -> TransitionCodec:
+    """The layout before: every field in every row, the state whether read or not."""
+    return TransitionCodec(algo.groups, env.state_dim, algo.replay_fields())
+
+
+def same_batches(env_name: str, algo_name: str, steps: int = 6, **env_options) -> tuple[Transition, Transition]:
+    """One batch from the lean and one from the full layout, filled from the same trajectory and
+    drawn with the same generator seed."""
+    env = vimarl.make_env(env_name, 3, seed=0, **env_options)
+    algo = vimarl.make_algo(algo_name, env, **SETTINGS.get(algo_name, {}))
+    step = env.reset(seed=0)
+    codecs = (replay_codec(algo, env, step), full_codec(algo, env))
+    buffers = [ReplayBuffer(steps * env.num_envs, codec.fields(), seed=5) for codec in codecs]
+    for _ in range(steps):
+        actions = act(algo, step, explore=True)
+        next_step = env.step(actions)
+        for codec, buffer in zip(codecs, buffers):
+            buffer.add(codec.encode(step, actions, next_step, algo.replay_values(actions)))
+        step = next_step
+    return tuple(codec.decode(buffer.sample(16)) for codec, buffer in zip(codecs, buffers))
+
+
+def assert_same(lean, full, path: str = "batch") -> None:
+    if isinstance(full, Transition):
+        for name in full.__dataclass_fields__:
+            if name in ("state", "next_state") and getattr(lean, name) is None:
+                continue  # not stored for an algorithm that does not read it
+            assert_same(getattr(lean, name), getattr(full, name), f"{path}.{name}")
+    elif isinstance(full, dict):
+        assert lean.keys() == full.keys(), path
+        for key in full:
+            assert_same(lean[key], full[key], f"{path}[{key}]")
+    elif isinstance(full, Graph):
+        assert torch.equal(lean.neighbors, full.neighbors) and torch.equal(lean.mask, full.mask), path
+    elif full is None:
+        assert lean is None, path
+    else:
+        assert lean.dtype == full.dtype and torch.equal(lean, full), path
+
+
+@pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
+def test_every_algorithm_sees_the_batches_of_the_full_layout(algo_name):
+    """grid_coordination: a static grid graph, and a one-step episode in every row (s' always final)."""
+    lean, full = same_batches("grid_coordination", algo_name)
+    assert_same(lean, full)
+
+
+@pytest.mark.parametrize("algo_name", ["vpp", "dgn", "qmix"])
+def test_traffic_batches_equal_the_full_layout(algo_name):
+    lean, full = same_batches("traffic_grid_2x2", algo_name)
+    assert_same(lean, full)
+
+
+def test_the_state_is_stored_only_for_algorithms_that_read_it():
+    env = vimarl.make_env("traffic_grid_3x3", 2)
+    step = env.reset(seed=0)
+    fields = {name: replay_codec(vimarl.make_algo(name, env), env, step).fields() for name in ("vpp", "qmix")}
+    assert "state" not in fields["vpp"] and fields["qmix"]["state"] == ((env.state_dim,), torch.float32)
+    team = vimarl.make_algo("team", env, members={"agents": "qmix"})
+    assert "state" in replay_codec(team, env, step).fields()  # a member that reads it
+
+
+def test_static_graphs_are_not_stored_per_row_and_dynamic_ones_are():
+    road = vimarl.make_env("traffic_grid_3x3", 2)
+    vpp = vimarl.make_algo("vpp", road)
+    fields = replay_codec(vpp, road, road.reset(seed=0)).fields()
+    assert not any("neighbors" in name or name.endswith("mask") for name in fields)
+    knn = vimarl.make_env("coop_nav_n6", 2)
+    fields = replay_codec(vimarl.make_algo("vpp", knn), knn, knn.reset(seed=0)).fields()
+    assert fields["agents/neighbors"][0] == (6, knn.groups["agents"].graph_k)
+
+
+@pytest.mark.parametrize("env_name, options", [("traffic_grid_3x3", {}), ("traffic_grid_3x3", {"graph": "complete"}),
+                                               ("grid_coordination", {}), ("grid_coordination", {"graph": "complete"}),
+                                               ("two_agents_meet", {}), ("coop_nav_n6", {"graph": "complete"})])
+def test_graphs_declared_static_stay_the_same_across_steps_and_resets(env_name, options):
+    env = vimarl.make_env(env_name, 3, seed=1, **options)
+    spec = next(iter(env.groups.values()))
+    assert spec.static_graph
+    step = env.reset(seed=1)
+    first = next(iter(step.groups.values())).graph
+    policy = vimarl.algos.base.UniformPolicy({g: s for g, s in env.groups.items() if s.role == "learned"}, seed=0)
+    for _ in range(30):  # past episode ends and auto-resets
+        step = env.step(act(policy, step, explore=True))
+        for view in (step, step.final_view()):
+            graph = next(iter(view.groups.values())).graph
+            assert torch.equal(graph.neighbors, first.neighbors) and torch.equal(graph.mask, first.mask)
+    assert torch.equal(first.neighbors, first.neighbors[:1].expand_as(first.neighbors))  # one graph for every env
+
+
+def test_a_saved_replay_of_the_full_layout_loads_into_the_lean_one():
+    """Checkpoints written before this layout (save_buffer=true) hold fields no longer stored: they
+    are dropped, and the rows that remain are the same."""
+    env = vimarl.make_env("traffic_grid_2x2", 2)
+    algo = vimarl.make_algo("vpp", env)
+    step = env.reset(seed=0)
+    lean, full = replay_codec(algo, env, step), full_codec(algo, env)
+    old = ReplayBuffer(8, full.fields(), seed=3)
+    actions = act(algo, step, explore=True)
+    next_step = env.step(actions)
+    old.add(full.encode(step, actions, next_step))
+    new = ReplayBuffer(8, lean.fields(), seed=3)
+    new.load_state_dict(old.state_dict())
+    assert_same(lean.decode(new.ordered()), full.decode(old.ordered()))
