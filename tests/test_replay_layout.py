@@ -22,20 +22,28 @@ def full_codec(algo, env) -> TransitionCodec:
     return TransitionCodec(algo.groups, env.state_dim, algo.replay_fields())
 
 
-def same_batches(env_name: str, algo_name: str, steps: int = 6, **env_options) -> tuple[Transition, Transition]:
-    """One batch from the lean and one from the full layout, filled from the same trajectory and
-    drawn with the same generator seed."""
+def filled(env_name: str, algo_name: str, steps: int, capacity: int | None = None, **env_options):
+    """The lean and the full buffer (and codecs) filled from the same trajectory of `algo_name`
+    exploring, with the same sampling seed; `capacity` below steps * B makes the ring wrap."""
     env = vimarl.make_env(env_name, 3, seed=0, **env_options)
     algo = vimarl.make_algo(algo_name, env, **SETTINGS.get(algo_name, {}))
     step = env.reset(seed=0)
-    codecs = (replay_codec(algo, env, step), full_codec(algo, env))
-    buffers = [ReplayBuffer(steps * env.num_envs, codec.fields(), seed=5) for codec in codecs]
+    lean, full = replay_codec(algo, env, step), full_codec(algo, env)
+    capacity = capacity or steps * env.num_envs
+    buffers = (ReplayBuffer(capacity, lean.fields(), seed=5, successors=lean.successors(), streams=env.num_envs),
+               ReplayBuffer(capacity, full.fields(), seed=5))
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
-        for codec, buffer in zip(codecs, buffers):
+        for codec, buffer in zip((lean, full), buffers):
             buffer.add(codec.encode(step, actions, next_step, algo.replay_values(actions)))
         step = next_step
+    return (lean, full), buffers
+
+
+def same_batches(env_name: str, algo_name: str, steps: int = 6, **env_options) -> tuple[Transition, Transition]:
+    """One batch from the lean and one from the full layout (see `filled`)."""
+    codecs, buffers = filled(env_name, algo_name, steps, **env_options)
     return tuple(codec.decode(buffer.sample(16)) for codec, buffer in zip(codecs, buffers))
 
 
@@ -68,6 +76,36 @@ def test_every_algorithm_sees_the_batches_of_the_full_layout(algo_name):
 def test_traffic_batches_equal_the_full_layout(algo_name):
     lean, full = same_batches("traffic_grid_2x2", algo_name)
     assert_same(lean, full)
+
+
+@pytest.mark.parametrize("capacity", [None, 100, 61])
+def test_s_prime_from_the_next_row_equals_the_stored_one_across_episode_ends_and_wrap_around(capacity):
+    """coop_nav episodes are truncated after 25 steps (s' is then the final observation, kept
+    aside); 40 steps of 3 envs wrap a ring of 100 or 61 rows (not a multiple of 3). Uniform batches,
+    windows of consecutive steps and the rollout in order all match the full layout."""
+    (lean, full), (small, big) = filled("coop_nav_n6", "vpp", 40, capacity)
+    assert "agents/next_obs" not in small.data and small.final_count == 3  # one episode end per env
+    assert_same(lean.decode(small.sample(64)), full.decode(big.sample(64)))
+    assert_same(lean.decode(small.ordered()), full.decode(big.ordered()))
+    windows = [codec.decode(buffer.sample_sequences(8, 5, 3)) for codec, buffer in ((lean, small), (full, big))]
+    assert_same(*windows)
+
+
+def test_one_step_episodes_keep_every_final_observation():
+    """grid_coordination ends every episode after one step: every row's s' is a final observation,
+    the side table grows to hold them all, and a ring smaller than the run keeps the newest."""
+    (lean, full), (small, big) = filled("grid_coordination", "vpp", 30, 50)
+    assert small.final_capacity >= 50
+    assert_same(lean.decode(small.ordered()), full.decode(big.ordered()))
+
+
+def test_a_saved_replay_resumes_with_the_same_rows():
+    """state_dict / load_state_dict of the lean buffer: the same batches as before saving."""
+    (lean, _), (small, _) = filled("coop_nav_n6", "vpp", 40, 61)
+    restored = ReplayBuffer(61, lean.fields(), seed=0, successors=lean.successors(), streams=3)
+    restored.load_state_dict(small.state_dict())
+    assert_same(lean.decode(restored.sample(32)), lean.decode(small.sample(32)))
+    assert_same(lean.decode(restored.ordered()), lean.decode(small.ordered()))
 
 
 def test_the_state_is_stored_only_for_algorithms_that_read_it():
@@ -108,16 +146,10 @@ def test_graphs_declared_static_stay_the_same_across_steps_and_resets(env_name, 
 
 
 def test_a_saved_replay_of_the_full_layout_loads_into_the_lean_one():
-    """Checkpoints written before this layout (save_buffer=true) hold fields no longer stored: they
-    are dropped, and the rows that remain are the same."""
-    env = vimarl.make_env("traffic_grid_2x2", 2)
-    algo = vimarl.make_algo("vpp", env)
-    step = env.reset(seed=0)
-    lean, full = replay_codec(algo, env, step), full_codec(algo, env)
-    old = ReplayBuffer(8, full.fields(), seed=3)
-    actions = act(algo, step, explore=True)
-    next_step = env.step(actions)
-    old.add(full.encode(step, actions, next_step))
-    new = ReplayBuffer(8, lean.fields(), seed=3)
-    new.load_state_dict(old.state_dict())
-    assert_same(lean.decode(new.ordered()), full.decode(old.ordered()))
+    """Checkpoints written before this layout (save_buffer=true) hold fields no longer stored
+    (next observations, static graphs, an unread state): s' is rebuilt from them, and the rows are
+    the same."""
+    (lean, full), (_, big) = filled("coop_nav_n6", "vpp", 40, 61)
+    new = ReplayBuffer(61, lean.fields(), seed=3, successors=lean.successors(), streams=3)
+    new.load_state_dict(big.state_dict())
+    assert_same(lean.decode(new.ordered()), full.decode(big.ordered()))

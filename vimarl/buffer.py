@@ -23,29 +23,67 @@ from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
 
 
-class ReplayBuffer:
-    """A ring buffer of `capacity` rows; each field has a fixed per-row shape and dtype."""
+Fields = dict[str, tuple[tuple[int, ...], torch.dtype]]
+"""Named per-row fields: {name: (per-row shape, dtype)}."""
 
-    def __init__(self, capacity: int, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 device: str | torch.device = "cpu", seed: int = 0):
+
+def _row_bytes(fields: Fields) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
+
+
+class ReplayBuffer:
+    """A ring buffer of `capacity` rows; each field has a fixed per-row shape and dtype.
+
+    With `successors` ({next field: field}, e.g. "agents/next_obs": "agents/obs") the rows come one
+    vectorised step of `streams` sub-environments at a time, in the same sub-environment order, and
+    a next field is not stored: row i's value is the field of row i + streams (the same
+    sub-environment's next step), except where the row ended an episode ("terminated" or
+    "truncated" set: its next fields are the final observation, kept in a small side table that
+    grows with the number of episode ends stored) and for the newest step (kept aside until the
+    following one arrives). Every read gives the values that were added, as if stored in full.
+    """
+
+    def __init__(self, capacity: int, fields: Fields, device: str | torch.device = "cpu", seed: int = 0,
+                 successors: dict[str, str] | None = None, streams: int = 1):
         self.capacity = int(capacity)
         self.device = torch.device(device)
-        row_bytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                        for shape, dtype in fields.values())
-        _check_fits(self.capacity, row_bytes, self.device)
+        self.successors = dict(successors or {})
+        self.streams = int(streams)
+        stored = {name: spec for name, spec in fields.items() if name not in self.successors}
+        if self.successors and self.capacity < self.streams:
+            raise VimarlError(f"a replay buffer of {self.capacity} rows cannot hold one step of {self.streams} "
+                              f"sub-environments; raise buffer_size to at least num_envs")
+        _check_fits(self.capacity, _row_bytes(stored), self.device)
         self.data = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
-                     for name, (shape, dtype) in fields.items()}
+                     for name, (shape, dtype) in stored.items()}
         self.position = 0  # next row to write
         self.size = 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.next_fields = {name: fields[name] for name in self.successors}
+        self.head = {name: torch.zeros((self.streams, *shape), dtype=dtype, device=self.device)
+                     for name, (shape, dtype) in self.next_fields.items()}
+        """The next fields of the newest step, whose successor rows are not stored yet."""
+        self.final_seq = torch.full((self.capacity,) if self.successors else (0,), -1, dtype=torch.int64,
+                                    device=self.device)
+        """Per row: the number of its final observation in `finals` (finals are numbered in the order
+        they arrive and live at slot number % final_capacity), or -1 where the episode went on."""
+        self.finals: dict[str, Tensor] = {}
+        self.final_count = 0  # final observations written so far
+        self.oldest_final = 0  # no row refers to a final numbered below this
 
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def final_capacity(self) -> int:
+        return next(iter(self.finals.values())).shape[0] if self.finals else 0
+
     def add(self, rows: dict[str, Tensor]) -> None:
         """Append rows (every field [R, ...]); the oldest rows are overwritten when full."""
         count = next(iter(rows.values())).shape[0]
+        if self.successors and count != self.streams:
+            raise ValueError(f"a buffer with successors takes one vectorised step ({self.streams} rows) at a time, got {count}")
         if count > self.capacity:  # only the newest `capacity` rows can survive
             rows = {name: value[-self.capacity:] for name, value in rows.items()}
             count = self.capacity
@@ -54,11 +92,69 @@ class ReplayBuffer:
             storage[index] = rows[name].to(storage.dtype)
         self.position = (self.position + count) % self.capacity
         self.size = min(self.size + count, self.capacity)
+        if self.successors:
+            self._add_successors(index, rows)
+
+    def _add_successors(self, index: Tensor, rows: dict[str, Tensor]) -> None:
+        self.final_seq[index] = -1
+        ends = (rows["terminated"] | rows["truncated"]).bool()
+        ended = int(ends.sum())
+        if ended:
+            self._reserve_finals(ended)
+            numbers = self.final_count + torch.arange(ended, device=self.device)
+            slots = numbers % self.final_capacity
+            for name, table in self.finals.items():
+                table[slots] = rows[name][ends].to(table.dtype)
+            self.final_seq[index[ends]] = numbers
+            self.final_count += ended
+        for name, head in self.head.items():
+            head.copy_(rows[name])
+
+    def _reserve_finals(self, count: int) -> None:
+        """Room for `count` more final observations without overwriting one a stored row refers to."""
+        if self.final_count + count - self.oldest_final <= self.final_capacity:
+            return
+        referred = self.final_seq[self.final_seq >= 0]
+        self.oldest_final = int(referred.min()) if referred.numel() else self.final_count
+        needed = self.final_count + count - self.oldest_final
+        if needed <= self.final_capacity:
+            return
+        old_capacity = self.final_capacity
+        capacity = min(max(2 * old_capacity, needed, 4 * self.streams), self.capacity + self.streams)
+        _check_fits(capacity, _row_bytes(self.next_fields), self.device)
+        live = torch.arange(self.oldest_final, self.final_count, device=self.device)
+        grown = {name: torch.zeros((capacity, *shape), dtype=dtype, device=self.device)
+                 for name, (shape, dtype) in self.next_fields.items()}
+        for name, table in grown.items():
+            if old_capacity:
+                table[live % capacity] = self.finals[name][live % old_capacity]
+        self.finals = grown
+
+    def _gather(self, index: Tensor) -> dict[str, Tensor]:
+        """The rows at storage positions `index` (any shape), next fields included."""
+        rows = {name: storage[index] for name, storage in self.data.items()}
+        if not self.successors:
+            return rows
+        oldest = self.position if self.size == self.capacity else 0
+        logical = (index - oldest) % self.capacity
+        number = self.final_seq[index]
+        final = number >= 0
+        newest = (logical >= self.size - self.streams) & ~final
+        stream = (logical - (self.size - self.streams)).clamp(0, self.streams - 1)
+        successor = (index + self.streams) % self.capacity
+        for name, base in self.successors.items():
+            value = self.data[base][successor]
+            shape = (*index.shape, *([1] * (value.dim() - index.dim())))
+            value = torch.where(newest.view(shape), self.head[name][stream], value)
+            if self.finals:
+                value = torch.where(final.view(shape), self.finals[name][number.clamp_min(0) % self.final_capacity], value)
+            rows[name] = value
+        return rows
 
     def sample(self, batch_size: int) -> dict[str, Tensor]:
         """Rows drawn uniformly with replacement from what is stored."""
         index = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
-        return {name: storage[index] for name, storage in self.data.items()}
+        return self._gather(index)
 
     def sample_sequences(self, count: int, length: int, streams: int) -> dict[str, Tensor]:
         """`count` windows of `length` consecutive steps of one sub-environment, time-major: every
@@ -78,20 +174,21 @@ class ReplayBuffer:
         last = start + streams * ((self.size - 1 - start) // streams)  # the window's newest stored step
         oldest = self.position if self.size == self.capacity else 0
         index = (oldest + torch.minimum(logical, last)) % self.capacity
-        return {**{name: storage[index] for name, storage in self.data.items()}, "valid": valid}
+        return {**self._gather(index), "valid": valid}
 
     def ordered(self) -> dict[str, Tensor]:
         """Every stored row, oldest first (an on-policy rollout in the order it was collected)."""
         start = self.position if self.size == self.capacity else 0
-        index = (start + torch.arange(self.size, device=self.device)) % self.capacity
-        return {name: storage[index] for name, storage in self.data.items()}
+        return self._gather((start + torch.arange(self.size, device=self.device)) % self.capacity)
 
     def clear(self) -> None:
         """Forget every row (the storage stays allocated)."""
         self.position = self.size = 0
+        self.oldest_final = self.final_count
 
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.data.values())
+        tables = [*self.data.values(), *self.head.values(), *self.finals.values(), self.final_seq]
+        return sum(t.numel() * t.element_size() for t in tables)
 
     def state_dict(self, include_data: bool = True) -> dict[str, Any]:
         state: dict[str, Any] = {"position": self.position, "size": self.size,
@@ -99,20 +196,57 @@ class ReplayBuffer:
         if include_data:
             # A copy, not a view: later writes must not change a saved state.
             state["data"] = {name: t[: self.size].to("cpu", copy=True) for name, t in self.data.items()}
+            if self.successors:
+                numbers = self.final_seq[: self.size]
+                first = int(numbers[numbers >= 0].min()) if bool((numbers >= 0).any()) else self.final_count
+                live = torch.arange(first, self.final_count, device=self.device)
+                state["successors"] = {
+                    "final_seq": numbers.to("cpu", copy=True), "final_count": self.final_count, "first_final": first,
+                    "finals": {name: t[live % self.final_capacity].cpu() for name, t in self.finals.items()},
+                    "head": {name: t.to("cpu", copy=True) for name, t in self.head.items()}}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.finals, self.final_count, self.oldest_final = {}, 0, 0
         if "data" not in state:  # restored without contents: start empty
             self.position = self.size = 0
             return
         self.position, self.size = state["position"], state["size"]
-        missing = set(self.data) - set(state["data"])
+        saved = state["data"]
+        missing = set(self.data) - set(saved)
         if missing:
             raise VimarlError(f"the saved replay buffer lacks the fields {sorted(missing)}; resume with "
                               f"save_buffer=false (the replay then refills) or from a checkpoint that has them")
         for name, storage in self.data.items():  # fields saved by an older layout and no longer stored are dropped
-            storage[: self.size] = state["data"][name].to(self.device)
+            storage[: self.size] = saved[name].to(self.device)
+        if not self.successors:
+            return
+        if "successors" in state:
+            kept = state["successors"]
+            self.final_seq[: self.size] = kept["final_seq"].to(self.device)
+            self.final_count = self.oldest_final = kept["final_count"]
+            self.oldest_final = kept["first_final"]
+            heads = kept["head"]
+            finals = kept["finals"]
+        else:  # saved with every next field in every row (before successors): keep the episode ends' and the newest
+            oldest = self.position if self.size == self.capacity else 0
+            order = (oldest + torch.arange(self.size)) % self.capacity
+            ends = (saved["terminated"] | saved["truncated"]).bool()[order]
+            self.final_seq[order[ends].to(self.device)] = torch.arange(int(ends.sum()), device=self.device)
+            self.final_count = int(ends.sum())
+            heads = {name: saved[name][order[-self.streams:]] for name in self.successors}
+            finals = {name: saved[name][order[ends]] for name in self.successors}
+        for name, head in self.head.items():
+            head.copy_(heads[name])
+        count = self.final_count - self.oldest_final
+        if count:
+            capacity = max(count, 4 * self.streams)
+            self.finals = {name: torch.zeros((capacity, *shape), dtype=dtype, device=self.device)
+                           for name, (shape, dtype) in self.next_fields.items()}
+            live = torch.arange(self.oldest_final, self.final_count, device=self.device)
+            for name, table in self.finals.items():
+                table[live % capacity] = finals[name].to(self.device, table.dtype)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -249,6 +383,15 @@ class TransitionCodec:
             for name, (shape, dtype) in by_group.items():
                 fields[f"{name}/extra/{key}"] = (shape, dtype)
         return fields
+
+    def successors(self) -> dict[str, str]:
+        """{next field: field}: each s' field repeats its s field one step later except at episode
+        ends (what `ReplayBuffer(successors=...)` needs to store it once)."""
+        fields = self.fields()
+        pairs = {"next_state": "state"} if self.state_dim else {}
+        pairs.update({f"{name}/next_{key}": f"{name}/{key}" for name in self.groups
+                      for key in ("obs", "neighbors", "mask", "action_mask", "alive") if f"{name}/{key}" in fields})
+        return pairs
 
     def encode(self, step: TimeStep, action: dict[str, Tensor], next_step: TimeStep,
                extra: dict[str, dict[str, Tensor]] | None = None) -> dict[str, Tensor]:

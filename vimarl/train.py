@@ -154,7 +154,8 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
     tests, benchmarks and offline experiments; the Trainer collects the same way)."""
     step = env.reset(seed=seed)
     codec = replay_codec(algo, env, step)
-    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed)
+    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed,
+                          successors=codec.successors(), streams=env.num_envs)
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
@@ -200,7 +201,8 @@ class Trainer:
         self.codec = replay_codec(self.algo, self.env, self.step)
         rollout = self.algo.rollout_length  # on-policy: the buffer holds exactly one rollout
         capacity = rollout * self.config.num_envs if rollout else self.config.buffer_size
-        self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed)
+        self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed,
+                                   successors=self.codec.successors(), streams=self.config.num_envs)
         self.random_actions = torch.Generator(device=device)
         self.random_actions.manual_seed(self.config.seed + 1)
         self.env_steps = self.updates = 0
