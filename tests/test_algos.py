@@ -22,9 +22,9 @@ ENVS = ["grid_coordination", "test_continuous_consensus"]
 def training_batch(env, algo):
     """What the trainer hands `update`: 32 replayed transitions, or one whole rollout of an
     on-policy algorithm (time-major)."""
-    rollout = algo.rollout_length
-    codec, buffer = fill_replay(env, algo, rollout or 20, capacity=1000)
-    return codec.decode(buffer.ordered() if rollout else buffer.sample(32))
+    sampler = algo.sampler
+    codec, buffer = fill_replay(env, algo, sampler.length if sampler.kind == "rollout" else 20, capacity=1000)
+    return codec.decode(buffer.draw(sampler, 32))
 
 
 def compatible(algo_name, env_name):

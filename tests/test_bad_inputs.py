@@ -62,12 +62,10 @@ def one_update(env, name: str, field: str, value: float, **settings) -> str:
     the latest rollout for on-policy learners, windows of consecutive steps for recurrent ones)."""
     try:
         algo = vimarl.make_algo(name, env, **{**settings, field: value})
-        rollout, length = algo.rollout_length, algo.sequence_length
-        steps = rollout or (length or 0) + 4
+        sampler = algo.sampler
+        steps = {"rollout": sampler.length, "windows": sampler.length + 4}.get(sampler.kind, 4)
         codec, buffer = fill_replay(env, algo, steps, capacity=steps * env.num_envs)
-        rows = (buffer.ordered() if rollout else
-                buffer.sample_sequences(2, length, env.num_envs) if length else buffer.sample(8))
-        algo.update(codec.decode(rows))
+        algo.update(codec.decode(buffer.draw(sampler, 8)))
     except VimarlError as error:
         refused(error)
         return "refused"

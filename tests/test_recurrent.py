@@ -68,6 +68,24 @@ def test_sample_sequences_are_contiguous_rows_of_one_sub_env_masked_at_the_write
     assert starts == stored  # every stored row can start a window
 
 
+@pytest.mark.parametrize("steps", [5, 9])  # 9 vectorised steps of 3 sub-environments wrap a 20-row ring
+def test_episode_aligned_windows_start_at_an_episode_first_step(steps):
+    """Episodes of 3 steps (done at t = 2, 5, 8): windows start only at t = 0, 3, 6 (or, once the
+    ring has dropped the first steps, at the starts it still holds)."""
+    streams, capacity = 3, 20
+    fields = {"step": ((), torch.int64), "terminated": ((), torch.bool), "truncated": ((), torch.bool)}
+    buffer = ReplayBuffer(capacity, fields, seed=2)
+    for t in range(steps):
+        buffer.add({"step": torch.full((streams,), t), "terminated": torch.full((streams,), t % 3 == 2),
+                    "truncated": torch.zeros(streams, dtype=torch.bool)})
+    oldest_step = (max(steps * streams - capacity, 0) + streams - 1) // streams  # first step whole in the ring
+    first = buffer.sample_sequences(300, 3, streams, episode_aligned=True)["step"][0]
+    expected = {t for t in range(oldest_step, steps) if t % 3 == 0}
+    assert set(first.tolist()) == expected
+    anywhere = buffer.sample_sequences(300, 3, streams)["step"][0]
+    assert set(anywhere.tolist()) > expected
+
+
 def test_transition_flatten_is_time_major():
     batch = windows(torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2, 4), torch.randn(3, 2, 2), torch.zeros(3, 2),
                     torch.zeros(3, 2, 2, dtype=torch.int64), state_dim=5)
@@ -205,7 +223,7 @@ def test_recurrent_qmix_trains_on_windows_and_resumes_exactly(tmp_path, monkeypa
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     vimarl.train("qmix", "spread", out=str(full), algo_config=config, total_steps=192, checkpoint_every=96,
                  save_buffer=True, keep_checkpoints=5, **BUDGET)
-    assert set(sampled) == {(4, 8, 4)}  # batch_size // sequence_length windows of 8 steps of 4 streams
+    assert set(sampled) == {(4, 8, 4, True)}  # batch_size // sequence_length windows of 8 steps of 4 streams
     _, algo, content = load_trained(full)
     assert algo.config.recurrent and int(algo.gradient_steps) == (192 - 64) // 8
     assert content["algo"]["_extra_state"]["memory"].shape == (4, 3, 64)
@@ -227,5 +245,5 @@ def test_feed_forward_checkpoints_carry_no_memory():
     env = vimarl.make_env("spread", 2)
     algo = vimarl.make_algo("vdn", env)
     fill_replay(env, algo, 3)
-    assert algo.sequence_length is None and algo.memory is None
+    assert algo.sampler.kind == "transitions" and algo.memory is None
     assert set(algo.state_dict()["_extra_state"]) == {"q"}

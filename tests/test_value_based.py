@@ -14,7 +14,7 @@ from vimarl.algos.mfq import MFQ, MFQConfig, mean_action
 from vimarl.algos.q_learning import epsilon_greedy, linear_schedule, next_value
 from vimarl.algos.qmix import QMIX, QMIXConfig, QMixer
 from vimarl.algos.vdn import VDN, VDNConfig
-from vimarl.buffer import Transition
+from vimarl.buffer import Sampler, Transition
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
@@ -244,9 +244,10 @@ def test_capabilities_and_the_recurrent_option():
     with pytest.raises(VimarlError, match="needs a global state"):
         ALGORITHMS["qmix"].check_env("x", spec(), state_dim=0)
     for cls, config in ((VDN, VDNConfig), (QMIX, QMIXConfig)):  # GRU agents: tests/test_recurrent.py
-        assert cls(spec(), 4, config()).sequence_length is None
+        assert cls(spec(), 4, config()).sampler.kind == "transitions"
         recurrent = cls(spec(), 4, config(recurrent=True, sequence_length=10))
-        assert recurrent.sequence_length == 10 and isinstance(recurrent.policy.critic.cell, torch.nn.GRUCell)
+        assert recurrent.sampler == Sampler("windows", 10, episode_aligned=True)
+        assert isinstance(recurrent.policy.critic.cell, torch.nn.GRUCell)
 
 
 @pytest.mark.parametrize("name", VALUE_BASED)

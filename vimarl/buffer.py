@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -25,6 +25,22 @@ from vimarl.errors import VimarlError
 
 Fields = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Named per-row fields: {name: (per-row shape, dtype)}."""
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What an algorithm's updates are drawn from (`Algorithm.sampler`); `ReplayBuffer.draw` serves it."""
+
+    kind: Literal["transitions", "windows", "rollout"] = "transitions"
+    """transitions: single transitions, uniformly with replacement; windows: `length` consecutive
+    steps of one sub-environment, batch_size // length of them (recurrent learners); rollout: every
+    stored row in collection order (on-policy learners, whose replay holds exactly one rollout of
+    `length` vectorised steps and is cleared after each update)."""
+    length: int = 1
+    """Steps per window (windows), vectorised steps per rollout (rollout)."""
+    episode_aligned: bool = False
+    """Windows start only at an episode's first step, where a recurrent state starts from zero
+    (pymarl replays whole episodes), instead of at any stored step."""
 
 
 def _row_bytes(fields: Fields) -> int:
@@ -156,18 +172,34 @@ class ReplayBuffer:
         index = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
         return self._gather(index)
 
-    def sample_sequences(self, count: int, length: int, streams: int) -> dict[str, Tensor]:
+    def draw(self, sampler: Sampler, batch_size: int) -> dict[str, Tensor]:
+        """One batch of what `sampler` asks for (see `Sampler`)."""
+        if sampler.kind == "rollout":
+            return self.ordered()
+        if sampler.kind == "windows":
+            return self.sample_sequences(max(1, batch_size // sampler.length), sampler.length, self.streams,
+                                         sampler.episode_aligned)
+        return self.sample(batch_size)
+
+    def sample_sequences(self, count: int, length: int, streams: int,
+                         episode_aligned: bool = False) -> dict[str, Tensor]:
         """`count` windows of `length` consecutive steps of one sub-environment, time-major: every
         field [length, count, ...], plus "valid" [length, count] bool.
 
         Rows must have been added `streams` at a time (one vectorised step of `streams`
         sub-environments, as the trainer does), so that, oldest first, the next step of stored row
         i's sub-environment is row i + streams, whatever the capacity. Windows start at a stored
-        row drawn uniformly with replacement and never wrap past the newest row (the write head):
-        their steps beyond it are not valid (the fields repeat the window's last valid step).
-        Windows may span episode boundaries; the done flags tell where.
+        row drawn uniformly with replacement (with `episode_aligned`, at a stored episode's first
+        step: the stored step after an episode end, or one of the first `streams` rows while the
+        ring has not wrapped) and never wrap past the newest row (the write head): their steps
+        beyond it are not valid (the fields repeat the window's last valid step). Windows may span
+        episode boundaries; the done flags tell where.
         """
-        start = torch.randint(self.size, (count,), generator=self.generator, device=self.device)
+        if episode_aligned:
+            first = self._episode_starts(streams)
+            start = first[torch.randint(first.numel(), (count,), generator=self.generator, device=self.device)]
+        else:
+            start = torch.randint(self.size, (count,), generator=self.generator, device=self.device)
         offsets = streams * torch.arange(length, device=self.device).unsqueeze(1)  # [length, 1]
         logical = start + offsets
         valid = logical < self.size
@@ -175,6 +207,16 @@ class ReplayBuffer:
         oldest = self.position if self.size == self.capacity else 0
         index = (oldest + torch.minimum(logical, last)) % self.capacity
         return {**self._gather(index), "valid": valid}
+
+    def _episode_starts(self, streams: int) -> Tensor:
+        """Logical indices (0: oldest) of the stored rows that begin an episode; every row when no
+        stored row does (an episode longer than the ring)."""
+        oldest = self.position if self.size == self.capacity else 0
+        logical = torch.arange(self.size, device=self.device)
+        before = (oldest + logical - streams) % self.capacity  # the same sub-environment's previous step
+        ended = (self.data["terminated"][before] | self.data["truncated"][before]).bool()
+        starts = torch.where(logical >= streams, ended, torch.tensor(self.size < self.capacity, device=self.device))
+        return logical[starts] if bool(starts.any()) else logical
 
     def ordered(self) -> dict[str, Tensor]:
         """Every stored row, oldest first (an on-policy rollout in the order it was collected)."""

@@ -199,8 +199,9 @@ class Trainer:
         self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
         self.step = self.env.reset(seed=self.config.seed)
         self.codec = replay_codec(self.algo, self.env, self.step)
-        rollout = self.algo.rollout_length  # on-policy: the buffer holds exactly one rollout
-        capacity = rollout * self.config.num_envs if rollout else self.config.buffer_size
+        self.sampler = self.algo.sampler
+        self.on_policy = self.sampler.kind == "rollout"  # the buffer then holds exactly one rollout
+        capacity = self.sampler.length * self.config.num_envs if self.on_policy else self.config.buffer_size
         self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed,
                                    successors=self.codec.successors(), streams=self.config.num_envs)
         self.random_actions = torch.Generator(device=device)
@@ -276,7 +277,7 @@ class Trainer:
     def _collect(self) -> None:
         """One vectorised env step: B transitions into the buffer."""
         config = self.config
-        if self.env_steps < config.warmup_steps and not self.algo.rollout_length:
+        if self.env_steps < config.warmup_steps and not self.on_policy:
             actions = {g: spec.action_space.sample(
                 (self.env.num_envs, spec.n_agents), self.random_actions, self.env.device,
                 self.step.groups[g].action_mask) for g, spec in self.algo.groups.items()}
@@ -294,20 +295,21 @@ class Trainer:
         self.env_steps += self.env.num_envs
 
     def _learn(self, before: int) -> None:
+        """The updates due after the env steps since `before`, each on what the algorithm's sampler
+        draws: one per full rollout (then a fresh rollout) on-policy, else `gradient_steps` every
+        `update_every` env steps after the warm-up."""
         config = self.config
-        if self.algo.rollout_length:  # on-policy: one update per full rollout, then a fresh one
-            if len(self.buffer) == self.buffer.capacity:
-                self._record(self.algo.update(self.codec.decode(self.buffer.ordered())))
-                self.buffer.clear()
-            return
-        if self.env_steps <= config.warmup_steps or len(self.buffer) < max(self.refill_until, 1):
-            return
-        due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
-        length = self.algo.sequence_length  # recurrent: windows of consecutive steps, about batch_size in all
-        for _ in range(due * config.gradient_steps):
-            rows = (self.buffer.sample_sequences(max(1, config.batch_size // length), length, self.env.num_envs)
-                    if length else self.buffer.sample(config.batch_size))
-            self._record(self.algo.update(self.codec.decode(rows)))
+        if self.on_policy:
+            updates = int(len(self.buffer) == self.buffer.capacity)
+        elif self.env_steps <= config.warmup_steps or len(self.buffer) < max(self.refill_until, 1):
+            updates = 0
+        else:
+            due = self.env_steps // config.update_every - max(before, config.warmup_steps) // config.update_every
+            updates = due * config.gradient_steps
+        for _ in range(updates):
+            self._record(self.algo.update(self.codec.decode(self.buffer.draw(self.sampler, config.batch_size))))
+        if self.on_policy and updates:
+            self.buffer.clear()
 
     def _check_finite(self, metrics: dict[str, Tensor]) -> None:
         """Losses and gradient norms of one update (one host sync): NaN / Inf stops the run."""
@@ -441,7 +443,7 @@ class Trainer:
         self.env.load_state_dict(content["env"])
         self.step = _to_device(content["step"], device)
         self.buffer.load_state_dict(content["buffer"])
-        if "data" not in content["buffer"] and not self.algo.rollout_length:
+        if "data" not in content["buffer"] and not self.on_policy:
             # Without the saved replay the buffer restarts empty: hold updates until it again holds
             # a warm-up's worth (at least a batch) instead of drawing whole batches from a few rows.
             self.refill_until = min(self.buffer.capacity, max(self.config.batch_size, self.config.warmup_steps))

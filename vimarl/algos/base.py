@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vimarl.buffer import ExtraFields, Transition
+from vimarl.buffer import ExtraFields, Sampler, Transition
 from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError, unknown
@@ -88,21 +88,13 @@ class Algorithm(nn.Module, ABC):
         return norm
 
     @property
-    def rollout_length(self) -> int | None:
-        """On-policy algorithms: vectorised env steps per rollout. The trainer then stores exactly
-        one rollout, hands all of it to `update` (rows time-major: step t of sub-environment b is
-        row t * B + b) and discards it; no warm-up of random actions. None (the default): learn
-        from a replay buffer."""
-        return None
-
-    @property
-    def sequence_length(self) -> int | None:
-        """Recurrent off-policy algorithms: steps per training window. The trainer then hands
-        `update` batches of windows of that many consecutive steps of one sub-environment
-        (`ReplayBuffer.sample_sequences`: every tensor [T, W, ...] time-major, `batch.valid` marking
-        the stored steps), batch_size // sequence_length windows each. None (the default): single
-        transitions."""
-        return None
+    def sampler(self) -> Sampler:
+        """What `update` is handed (`Sampler`, served by `ReplayBuffer.draw`): single transitions
+        by default; windows of consecutive steps for recurrent learners (every tensor [T, W, ...]
+        time-major, `batch.valid` marking the stored steps); the latest rollout for on-policy
+        learners (rows time-major: step t of sub-environment b is row t * B + b; the trainer then
+        stores exactly one rollout, discards it after the update and plays no random warm-up)."""
+        return Sampler()
 
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:
         """Every collected vectorised step, as it is stored (e.g. MAAC's reward statistics)."""

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from vimarl.algos.base import Algorithm, Capabilities, adam, agent_mean, register
 from vimarl.algos.masac import AgentPolicies, act_per_group
-from vimarl.buffer import Transition
+from vimarl.buffer import Sampler, Transition
 from vimarl.envs.base import GroupSpec
 from vimarl.nn.centralized import AgentMLP, flatten_agents
 
@@ -87,8 +87,8 @@ class MAPPO(Algorithm):
                            "critic": adam(self.critic.parameters(), lr=config.lr)}
 
     @property
-    def rollout_length(self) -> int:
-        return self.config.rollout_length
+    def sampler(self) -> Sampler:
+        return Sampler("rollout", self.config.rollout_length)
 
     @torch.no_grad()
     def act(self, obs, graph, *, explore, action_mask=None, state=None):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vimarl.algos.base import Algorithm, adam, agent_mean
-from vimarl.buffer import Transition
+from vimarl.buffer import Sampler, Transition
 from vimarl.envs.base import GroupSpec, TimeStep
 from vimarl.envs.graph import Graph
 from vimarl.errors import VimarlError
@@ -258,8 +258,10 @@ class QLearner(Algorithm):
         return [(self.target_policy, self.policy)]
 
     @property
-    def sequence_length(self) -> int | None:
-        return self.config.sequence_length if self.recurrent else None
+    def sampler(self) -> Sampler:
+        if not self.recurrent:
+            return Sampler()
+        return Sampler("windows", self.config.sequence_length, episode_aligned=self.config.window_start == "episode")
 
     # -- exploration ----------------------------------------------------------------------------
     def observe(self, step: TimeStep, actions: dict[str, Tensor], next_step: TimeStep) -> None:

@@ -52,6 +52,10 @@ class VDNConfig(QLearningConfig):
     """Recurrent agents: consecutive steps per training window (batch_size // sequence_length windows per update)."""
     burn_in: int = 0
     """Recurrent agents: first steps of each window that only warm the GRU state up (no loss through them, R2D2)."""
+    window_start: Literal["episode", "anywhere"] = "episode"
+    """Recurrent agents: windows start at an episode's first step, where the GRU state really is zero
+    (pymarl replays whole episodes: set sequence_length to the episode length), or at any stored step
+    from a zero state (then warm it up with burn_in; for episodes much longer than a window)."""
     team_reward: Literal["sum", "mean"] = "sum"
     """The team reward R trained on: the sum of the agents' rewards (the return the trainer reports) or their mean."""
 
