@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import vimarl
+from vimarl.algos.maac import AttentionCritic
 from vimarl.algos.mamt import (TrustRegionDecompositionConfig, TrustRegionDecompositionSAC, coordination_coefficients,
-                               counterfactual_q, non_stationarity)
+                               counterfactual_actions, counterfactual_q, non_stationarity, replaced_action_q)
 from vimarl.buffer import Transition
+from vimarl.nn.distributions import TanhGaussian
 from vimarl.envs.base import Discrete, GroupSpec
 from vimarl.train import fill_replay
 
@@ -65,6 +67,35 @@ def test_coordination_weighs_the_opponent_whose_action_moves_the_critic(variant)
     c = coordination_coefficients(q, counterfactual, 0.2, present)[0]
     assert torch.all(c[2] == 0) and torch.all(c[:, 2] == 0) and c[0, 1] == 1.0
     assert torch.all(coordination_coefficients(q, counterfactual, 0.51, None)[0, 2] == 0)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("variant", ["marginal", "mean_action"])
+def test_the_attention_critics_shortcut_equals_one_forward_per_copy(continuous, shared, variant):
+    """Issue 22: the analytic renormalisation gives the values of the stacked forward (to 1e-5), with
+    several heads, trained BatchNorm statistics, absent agents and an agent that attends to nobody."""
+    torch.manual_seed(7)
+    n, obs_dim, a, b = 5, 4, 3, 16
+    critic = AttentionCritic(n, obs_dim, a, hidden=16, heads=4, shared=shared, continuous=continuous)
+    critic.train()
+    for _ in range(3):  # move the running statistics away from (0, 1)
+        critic(torch.randn(64, n, obs_dim) * 3 + 1, torch.rand(64, n, a))
+    critic.eval()
+    obs = torch.randn(b, n, obs_dim)
+    present = torch.rand(b, n) > 0.3
+    present[0] = torch.tensor([True, False, False, False, False])  # agent 0 alone
+    if continuous:
+        actions = torch.rand(b, n, a) * 2 - 1
+        policy = TanhGaussian(torch.randn(b, n, a), torch.full((b, n, a), -0.5), -1.0, 1.0)
+    else:
+        actions = F.one_hot(torch.randint(a, (b, n)), a).float()
+        policy = torch.softmax(torch.randn(b, n, a), -1)
+    replacements, weights = counterfactual_actions(policy, variant, samples=6)
+    fast_q, fast = critic.replaced_action_q(obs, actions, replacements, weights, present)
+    q, reference = replaced_action_q(critic, obs, actions, replacements, weights, present)
+    assert torch.allclose(fast_q, q, atol=1e-5) and torch.allclose(fast, reference, atol=1e-5, rtol=1e-5)
+    assert (fast - fast_q.unsqueeze(-1)).abs().amax() > 1e-3  # the copies do change Q
 
 
 def test_non_stationarity_is_zero_when_the_action_models_are_the_policies():

@@ -168,7 +168,7 @@ def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | No
 def check_env_step(step: TimeStep, env_name: str, env_steps: int) -> None:
     """NaN / Inf in an environment's observations or rewards: one fused reduction per step (a sum
     that is finite exactly when every term is) and one host sync; the culprit is only looked for
-    once something is wrong. Cost: benchmarks/vpp_update.py, "env.step" table (docs/benchmarks.md)."""
+    once something is wrong. Cost: benchmarks/finite_check.py (docs/benchmarks.md)."""
     values = [t for g in step.groups.values() for t in (g.obs, g.reward)]
     if bool(torch.isfinite(torch.stack([v.float().sum() for v in values]).sum())):
         return

@@ -287,13 +287,17 @@ class AttentionCritic(nn.Module):
         s = F.leaky_relu(self.s_encoder(self.s_norm(obs)))
         return e, s
 
+    def keys_values(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """(keys, values) [..., N, H, d] of state-action encodings e [..., N, hidden]."""
+        split = (*e.shape[:-1], self.heads, self.head_dim)
+        return self.key(e).view(split), F.leaky_relu(self.value(e)).view(split)
+
     def attend(self, e: Tensor, s: Tensor, present: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Attention of every agent over the others: (x [B, N, H d], weights [B, H, N, N] (row i
         over j), unscaled logits [B, H, N, N], mask [B or 1, 1, N, N])."""
         b, n, _ = e.shape
-        keys = self.key(e).view(b, n, self.heads, self.head_dim)
+        keys, values = self.keys_values(e)
         queries = self.selector(s).view(b, n, self.heads, self.head_dim)
-        values = F.leaky_relu(self.value(e)).view(b, n, self.heads, self.head_dim)
         logits = torch.einsum("bihd,bjhd->bhij", queries, keys)
         mask = attention_mask(n, present, e.device).unsqueeze(1)
         scaled = (logits / math.sqrt(self.head_dim)).masked_fill(~mask, torch.finfo(logits.dtype).min)
@@ -324,6 +328,53 @@ class AttentionCritic(nn.Module):
         all_q = self.head(torch.cat([s, x], dim=-1))
         q = all_q.gather(-1, actions.argmax(-1, keepdim=True)).squeeze(-1)
         return q, all_q, regulariser
+
+    @torch.no_grad()
+    def replaced_action_q(self, obs: Tensor, actions: Tensor, replacements: Tensor, weights: Tensor,
+                          present: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`vimarl.algos.mamt.replaced_action_q` for this critic, exactly, without a forward per copy.
+
+        Replacing agent j's action changes only its encoding e_j, hence its key and value: every
+        other agent i keeps its query and the attention logits to the others, and its softmax is
+        renormalised analytically, x'_i = (x_i - w_ij v_j + w'_ij v'_j) / (1 - w_ij + w'_ij) per head,
+        with w'_ij = exp(l'_ij - logsumexp_k l_ik) (l scaled logits). The encoders and attention run
+        once for the factual rows plus once per replacement (M B N agent-rows instead of
+        (1 + N M) B N); only the heads run for every copy (j, m). Agent j's own x_j does not read
+        a_j, so its copies only change the action its head is read at.
+        """
+        b, n, a = actions.shape
+        m = replacements.shape[0]
+        replacements = replacements.expand(m, b, n, a)
+        e, s = self.encode(obs, actions)
+        x, attention, logits, mask = self.attend(e, s, present)
+        keys, values = self.keys_values(e)                                         # [B, N, H, d]
+        queries = self.selector(s).view(b, n, self.heads, self.head_dim)
+        new_e, _ = self.encode(obs.expand(m, b, n, obs.shape[-1]), replacements)
+        new_keys, new_values = self.keys_values(new_e)                             # [M, B, N (j), H, d]
+        scale = math.sqrt(self.head_dim)
+        masked = (logits / scale).masked_fill(~mask, torch.finfo(logits.dtype).min)
+        log_norm = masked.logsumexp(-1)                                            # [B, H, N (i)]
+        new_logits = torch.einsum("bihd,mbjhd->mbhij", queries, new_keys) / scale  # [M, B, H, i, j]
+        new_weight = torch.where(mask, (new_logits - log_norm.unsqueeze(-1)).exp(), torch.zeros_like(new_logits))
+        # [M, j, B, i, H, d]: x_i with agent j's value swapped, renormalised
+        old = attention.permute(0, 3, 2, 1).unsqueeze(-1)                          # [B, j, i, H, 1]
+        new = new_weight.permute(0, 4, 1, 3, 2).unsqueeze(-1)                      # [M, j, B, i, H, 1]
+        x_heads = x.view(b, n, self.heads, self.head_dim)
+        numerator = (x_heads.unsqueeze(1) - old * values.unsqueeze(2)).transpose(0, 1) \
+            + new * new_values.transpose(1, 2).unsqueeze(3)                        # [M, j, B, i, H, d]
+        replaced_x = (numerator / (1 - old.transpose(0, 1) + new)).flatten(-2)     # [M, j, B, i, H d]
+        own = torch.eye(n, dtype=torch.bool, device=actions.device).view(1, n, 1, n, 1)  # i == j: a_j replaced
+        own_actions = torch.where(own, replacements.permute(0, 2, 1, 3).unsqueeze(3), actions.view(1, 1, b, n, a))
+        states = s.expand(m, n, b, n, s.shape[-1])
+        if self.continuous:
+            q = self.head(torch.cat([states, replaced_x, own_actions], dim=-1)).squeeze(-1)
+        else:
+            q = self.head(torch.cat([states, replaced_x], dim=-1)).gather(-1, own_actions.argmax(-1, keepdim=True))
+            q = q.squeeze(-1)                                                      # [M, j, B, i]
+        factual = self.head(torch.cat([s, x, actions], dim=-1)).squeeze(-1) if self.continuous else \
+            self.head(torch.cat([s, x], dim=-1)).gather(-1, actions.argmax(-1, keepdim=True)).squeeze(-1)
+        counterfactual = (q * weights.permute(0, 2, 1).unsqueeze(-1)).sum(0)      # [j, B, i]
+        return factual, counterfactual.permute(1, 2, 0)
 
 
 @register("maac", "MAAC (Iqbal & Sha 2019, official code): per-agent policies, attention critic over the other "

@@ -206,9 +206,13 @@ def counterfactual_actions(policy: Tensor | TanhGaussian, variant: Literal["marg
 def counterfactual_q(critic: nn.Module, obs: Tensor, actions: Tensor, policy: Tensor | TanhGaussian,
                      present: Tensor | None, variant: Literal["marginal", "mean_action"] = "marginal",
                      samples: int = 8) -> tuple[Tensor, Tensor]:
-    """(Q_i(o, a) [B, N], Q_i(o, a_\\j) [B, N (i), N (j)]) of Eq. 14 for the policies pi_j (`counterfactual_actions`),
-    from one critic forward (`replaced_action_q`)."""
-    return replaced_action_q(critic, obs, actions, *counterfactual_actions(policy, variant, samples), present)
+    """(Q_i(o, a) [B, N], Q_i(o, a_\\j) [B, N (i), N (j)]) of Eq. 14 for the policies pi_j (`counterfactual_actions`):
+    the attention critic's own exact shortcut (`AttentionCritic.replaced_action_q`), or for any other critic
+    one forward over every copy (`replaced_action_q`)."""
+    replaced = getattr(critic, "replaced_action_q", None)
+    if replaced is None:
+        return replaced_action_q(critic, obs, actions, *counterfactual_actions(policy, variant, samples), present)
+    return replaced(obs, actions, *counterfactual_actions(policy, variant, samples), present)
 
 
 def coordination_coefficients(q: Tensor, counterfactual: Tensor, threshold: float, present: Tensor | None) -> Tensor:
