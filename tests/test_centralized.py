@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vimarl
-from vimarl.nn.centralized import CentralQ, flatten_agents, joint_input, own_segments
+from vimarl.nn.centralized import AgentMLP, CentralQ, flatten_agents, joint_input, own_segments
 from vimarl.nn.distributions import action_features
 from vimarl.train import act, fill_replay
 
@@ -129,3 +129,12 @@ def test_centralised_critics_span_every_group(name, env_name, env_kwargs, sharin
     with torch.no_grad():
         q_moved = algo.critics.values(joint_input(obs, moved))[0]
     assert not torch.allclose(q[:, -1], q_moved[:, -1])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_forward_parts_equals_the_forward_of_the_concatenation(shared):
+    torch.manual_seed(0)
+    net = AgentMLP(3, 4 + 2, (8,), 5, shared)
+    wide, shared_part = torch.randn(6, 7, 3, 4), torch.randn(7, 3, 2)  # the second part broadcasts over 6 rows
+    expected = net(torch.cat([wide, shared_part.expand(6, 7, 3, 2)], dim=-1))
+    assert torch.allclose(net.forward_parts([wide, shared_part]), expected, atol=1e-6)

@@ -365,12 +365,10 @@ class AttentionCritic(nn.Module):
         replaced_x = (numerator / (1 - old.transpose(0, 1) + new)).flatten(-2)     # [M, j, B, i, H d]
         own = torch.eye(n, dtype=torch.bool, device=actions.device).view(1, n, 1, n, 1)  # i == j: a_j replaced
         own_actions = torch.where(own, replacements.permute(0, 2, 1, 3).unsqueeze(3), actions.view(1, 1, b, n, a))
-        states = s.expand(m, n, b, n, s.shape[-1])
-        if self.continuous:
-            q = self.head(torch.cat([states, replaced_x, own_actions], dim=-1)).squeeze(-1)
+        if self.continuous:  # s_i enters every copy's head the same: its part of the first layer runs once
+            q = self.head.forward_parts([s, replaced_x, own_actions]).squeeze(-1)
         else:
-            q = self.head(torch.cat([states, replaced_x], dim=-1)).gather(-1, own_actions.argmax(-1, keepdim=True))
-            q = q.squeeze(-1)                                                      # [M, j, B, i]
+            q = self.head.forward_parts([s, replaced_x]).gather(-1, own_actions.argmax(-1, keepdim=True)).squeeze(-1)
         factual = self.head(torch.cat([s, x, actions], dim=-1)).squeeze(-1) if self.continuous else \
             self.head(torch.cat([s, x], dim=-1)).gather(-1, actions.argmax(-1, keepdim=True)).squeeze(-1)
         counterfactual = (q * weights.permute(0, 2, 1).unsqueeze(-1)).sum(0)      # [j, B, i]

@@ -101,6 +101,23 @@ class AgentMLP(nn.Module):
             x = torch.cat([x, ids], dim=-1)
         return self.net(x)
 
+    def forward_parts(self, parts: Sequence[Tensor]) -> Tensor:
+        """`forward(torch.cat(parts, -1))` without building the concatenation: the first layer is a
+        sum of one matmul per part, each on its own (broadcastable) shape, so a part that many rows
+        share is multiplied once."""
+        first, widths = self.net[0], [part.shape[-1] for part in parts]
+        if self.shared:  # nn.Linear over [x, onehot(i)]: the id columns are agent i's own bias
+            weights = first.weight.split([*widths, self.n_agents], dim=1)
+            out = first.bias + weights[-1].T
+            for part, weight in zip(parts, weights):
+                out = out + part @ weight.T
+        else:
+            weights = first.weight.split(widths, dim=1)
+            out = first.bias
+            for part, weight in zip(parts, weights):
+                out = out + torch.einsum("...ni,nio->...no", part, weight)
+        return self.net[1:](out)
+
 
 def per_group(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """One tensor (a single group) or one per controlled group, as a list in group order."""
