@@ -153,3 +153,15 @@ def test_a_saved_replay_of_the_full_layout_loads_into_the_lean_one():
     new = ReplayBuffer(61, lean.fields(), seed=3, successors=lean.successors(), streams=3)
     new.load_state_dict(big.state_dict())
     assert_same(lean.decode(new.ordered()), full.decode(big.ordered()))
+
+
+def test_a_full_buffer_is_saved_without_a_copy_of_its_rows():
+    """The trainer's checkpoint hands the storage itself (copy=False) once the ring is full; a
+    partly filled one, and the default, copy only the stored rows."""
+    (lean, _), (small, _) = filled("coop_nav_n6", "vpp", 40, 61)  # 120 rows into 61: full
+    shared = small.state_dict(copy=False)["data"]
+    assert all(saved.data_ptr() == stored.data_ptr() for saved, stored in zip(shared.values(), small.data.values()))
+    assert all(saved.data_ptr() != stored.data_ptr()
+               for saved, stored in zip(small.state_dict()["data"].values(), small.data.values()))
+    (_, _), (partial, _) = filled("coop_nav_n6", "vpp", 4, 61)
+    assert all(saved.shape[0] == 12 for saved in partial.state_dict(copy=False)["data"].values())

@@ -232,12 +232,19 @@ class ReplayBuffer:
         tables = [*self.data.values(), *self.head.values(), *self.finals.values(), self.final_seq]
         return sum(t.numel() * t.element_size() for t in tables)
 
-    def state_dict(self, include_data: bool = True) -> dict[str, Any]:
+    def state_dict(self, include_data: bool = True, copy: bool = True) -> dict[str, Any]:
+        """Position, size and sampling state, and with `include_data` the stored rows. `copy=False`
+        (the trainer, which writes the state to disk at once) hands a full CPU buffer's storage
+        itself instead of a copy, so a checkpoint does not double the replay's memory; later
+        writes then change the state handed out."""
         state: dict[str, Any] = {"position": self.position, "size": self.size,
                                  "generator": self.generator.get_state()}
         if include_data:
-            # A copy, not a view: later writes must not change a saved state.
-            state["data"] = {name: t[: self.size].to("cpu", copy=True) for name, t in self.data.items()}
+            def rows(t: Tensor) -> Tensor:
+                whole = self.size == self.capacity and t.device.type == "cpu" and not copy
+                return t if whole else t[: self.size].to("cpu", copy=True)
+
+            state["data"] = {name: rows(t) for name, t in self.data.items()}
             if self.successors:
                 numbers = self.final_seq[: self.size]
                 first = int(numbers[numbers >= 0].min()) if bool((numbers >= 0).any()) else self.final_count

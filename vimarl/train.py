@@ -425,7 +425,7 @@ class Trainer:
             "algo": self.algo.state_dict(),
             "env": self.env.state_dict(),
             "step": self.step,
-            "buffer": self.buffer.state_dict(include_data=self.config.save_buffer),
+            "buffer": self.buffer.state_dict(include_data=self.config.save_buffer, copy=False),
             "counters": {"env_steps": self.env_steps, "updates": self.updates, "wall_s": self.wall_s},
             "episode_returns": self.episode_returns,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
