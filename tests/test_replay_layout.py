@@ -165,3 +165,16 @@ def test_a_full_buffer_is_saved_without_a_copy_of_its_rows():
                for saved, stored in zip(small.state_dict()["data"].values(), small.data.values()))
     (_, _), (partial, _) = filled("coop_nav_n6", "vpp", 4, 61)
     assert all(saved.shape[0] == 12 for saved in partial.state_dict(copy=False)["data"].values())
+
+
+def test_agents_that_leave_and_their_final_steps_match_the_full_layout():
+    """pz_toys.LeavingEnv (tests/pz_toys.py): runner_1 leaves at step 2 of 5-step episodes (alive /
+    next_alive per row); 20 steps of 3 envs wrap a ring of 37 rows."""
+    pytest.importorskip("pettingzoo", reason="the toy env is a PettingZoo env: pip install 'vimarl[pettingzoo]'")
+    (lean, full), (small, big) = filled("pettingzoo", "masac", 20, 37, env="pz_toys:LeavingEnv",
+                                        kwargs={"leave_at": 2, "horizon": 5})
+    assert "runner/next_alive" not in small.data and small.final_count == 12
+    batches = [codec.decode(buffer.ordered()) for codec, buffer in ((lean, small), (full, big))]
+    assert not bool(batches[1].next_alive["runner"].all())  # runner_1's departure is in the rows kept
+    assert_same(*batches)
+    assert_same(lean.decode(small.sample(64)), full.decode(big.sample(64)))
