@@ -178,3 +178,23 @@ def test_agents_that_leave_and_their_final_steps_match_the_full_layout():
     assert not bool(batches[1].next_alive["runner"].all())  # runner_1's departure is in the rows kept
     assert_same(*batches)
     assert_same(lean.decode(small.sample(64)), full.decode(big.sample(64)))
+
+
+def test_on_policy_rollouts_reuse_the_side_table_after_each_clear():
+    """A rollout buffer is cleared after every update: the final observations of earlier rollouts
+    are no longer referred to, so the side table does not grow rollout after rollout."""
+    env = vimarl.make_env("grid_coordination", 3, seed=0)  # every step ends an episode
+    algo = vimarl.make_algo("mappo", env, rollout_length=4)
+    step = env.reset(seed=0)
+    codec = replay_codec(algo, env, step)
+    buffer = ReplayBuffer(12, codec.fields(), successors=codec.successors(), streams=3)
+    sizes = []
+    for _ in range(5):
+        for _ in range(4):
+            actions = act(algo, step, explore=True)
+            next_step = env.step(actions)
+            buffer.add(codec.encode(step, actions, next_step))
+            step = next_step
+        sizes.append(buffer.final_capacity)
+        buffer.clear()
+    assert len(set(sizes)) == 1 and sizes[0] <= 24

@@ -130,7 +130,8 @@ class ReplayBuffer:
         """Room for `count` more final observations without overwriting one a stored row refers to."""
         if self.final_count + count - self.oldest_final <= self.final_capacity:
             return
-        referred = self.final_seq[self.final_seq >= 0]
+        stored = self.final_seq[: self.size]  # rows [0, size) once cleared or before the ring is full
+        referred = stored[stored >= 0]
         self.oldest_final = int(referred.min()) if referred.numel() else self.final_count
         needed = self.final_count + count - self.oldest_final
         if needed <= self.final_capacity:
