@@ -127,15 +127,17 @@ def compare(left: list[float], op: str, right: list[float] | float, tolerance: f
 
 
 def combine(verdicts: list[str]) -> str:
-    """One verdict for a claim made of several comparisons (those not run at this scale left out)."""
+    """One verdict for a claim made of several comparisons, from those that ran; the ones not run
+    (at this scale, or not yet in a sweep stopped part-way) are counted in the verdict."""
     ran = [v for v in verdicts if v != NOT_RUN]
     if not ran:
         return NOT_RUN
+    missing = f" ({len(verdicts) - len(ran)} of {len(verdicts)} comparisons not run)" if len(ran) < len(verdicts) else ""
     for word in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE):
         if all(v == word for v in ran):
-            return word
+            return word + missing
     return (f"mixed ({ran.count(REPRODUCED)} of {len(ran)} reproduced, "
-            f"{ran.count(NOT_REPRODUCED)} not reproduced)")
+            f"{ran.count(NOT_REPRODUCED)} not reproduced)" + missing)
 
 
 def parse_compare(text: str) -> tuple[str, str, list[str]]:
