@@ -136,6 +136,18 @@ def test_sweep_figures_group_runs_by_the_experiment_labels(swept):
     assert min(finals[2:]) <= lower[-1] <= centre[-1] <= upper[-1] <= max(finals[2:])  # the bootstrap band
 
 
+def test_resume_with_only_keeps_the_ledgers_other_cells(swept, tmp_path):
+    """--only chooses what runs now; the ledger (and so the report) keeps every cell it held."""
+    out = tmp_path / "tiny"
+    shutil.copytree(swept, out)
+    before = json.loads((out / "sweep.json").read_text())["cells"]
+    sweep(TINY, out=out, only="grid2/vpp-s0", resume=True, **QUIET)
+    after = json.loads((out / "sweep.json").read_text())["cells"]
+    key = lambda c: (c["env_label"], c["label"], c["seed"])  # noqa: E731
+    assert sorted(map(key, after)) == sorted(map(key, before)) and len(after) == 4
+    assert all(c["status"] == "done" for c in after)
+
+
 def test_resume_skips_finished_cells_and_resumes_an_interrupted_one(swept, tmp_path):
     out = tmp_path / "tiny"
     shutil.copytree(swept, out)

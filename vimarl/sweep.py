@@ -501,6 +501,9 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     sweep_dir.mkdir(parents=True, exist_ok=True)
     before = read_ledger(sweep_dir) if resume and (sweep_dir / LEDGER).exists() else {"cells": []}
     previous = {c["env_label"] + "/" + c["label"] + f"-s{c['seed']}": c for c in before["cells"]}
+    selected = {cell.key for cell in cells}
+    if only and previous:  # --only picks the cells that run now; the ledger keeps the others it holds
+        cells = [cell for cell in expand(experiment, scale, sweep_dir, seeds) if cell.key in selected | set(previous)]
     for cell in cells:
         if cell.key in previous:
             cell.attempts, cell.wall_s = previous[cell.key]["attempts"], previous[cell.key]["wall_s"]
@@ -510,7 +513,7 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
     header = {"experiment": experiment["name"], "scale": scale, "backend": backend, "workers": workers,
               "seeds": sorted({c.seed for c in cells}), "command": command or f"vimarl sweep {experiment_name}",
               "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0}
-    todo = [cell for cell in cells if cell.status != "done"]
+    todo = [cell for cell in cells if cell.status != "done" and cell.key in selected]
     if "started" in before:  # a resumed sweep keeps its first command and start, and adds up wall time
         header.update(command=before["command"], started=before["started"],
                       resumed=[*before.get("resumed", []), *([header["started"]] if todo else [])])
