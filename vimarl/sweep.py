@@ -523,7 +523,7 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
                 header[key] = before[key] if last == str(header[key]) else f"{before[key]}, then {header[key]}"
         else:
             header.update(machine=before["machine"], workers=before["workers"])
-    say(f"{experiment['name']} ({scale}): {len(cells)} cells, {len(cells) - len(todo)} finished already, "
+    say(f"{experiment['name']} ({scale}): {len(cells)} cells, {sum(c.status == 'done' for c in cells)} finished already, "
         f"{len(todo)} to run on {backend} with {workers} workers -> {sweep_dir}")
     write_ledger(sweep_dir, header, cells)
     started = time.perf_counter()
