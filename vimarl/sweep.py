@@ -542,7 +542,7 @@ def sweep(experiment_name: str | Path, scale: str = "cpu", backend: str = "local
             _run_ray(todo, workers, retries, done, sweep_dir, ray_address, say)
     header["wall_s"] = round(before.get("wall_s", 0.0) + time.perf_counter() - started, 1)
     write_ledger(sweep_dir, header, cells)
-    failed = [cell.key for cell in cells if cell.status != "done"]
+    failed = [cell.key for cell in cells if cell.status != "done" and cell.key in selected]
     summarise(sweep_dir, experiment, cells)
     say(f"summary in {sweep_dir / SUMMARY_MD}" + (f"; {len(failed)} cell(s) failed: {', '.join(failed)} "
                                                     f"(logs in their train.log; rerun with --resume)" if failed else ""))
