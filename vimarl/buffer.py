@@ -136,16 +136,22 @@ class ReplayBuffer:
         needed = self.final_count + count - self.oldest_final
         if needed <= self.final_capacity:
             return
-        old_capacity = self.final_capacity
-        capacity = min(max(2 * old_capacity, needed, 4 * self.streams), self.capacity + self.streams)
+        capacity = min(max(2 * self.final_capacity, needed, 4 * self.streams), self.capacity + self.streams)
         _check_fits(capacity, _row_bytes(self.next_fields), self.device)
-        live = torch.arange(self.oldest_final, self.final_count, device=self.device)
-        grown = {name: torch.zeros((capacity, *shape), dtype=dtype, device=self.device)
-                 for name, (shape, dtype) in self.next_fields.items()}
-        for name, table in grown.items():
-            if old_capacity:
-                table[live % capacity] = self.finals[name][live % old_capacity]
-        self.finals = grown
+        self._set_finals(capacity, self._live_finals())
+
+    def _live_finals(self) -> dict[str, Tensor]:
+        """The final observations rows may still refer to (numbered oldest_final .. final_count - 1), in order."""
+        numbers = torch.arange(self.oldest_final, self.final_count, device=self.device)
+        return {name: table[numbers % self.final_capacity] for name, table in self.finals.items()}
+
+    def _set_finals(self, capacity: int, live: dict[str, Tensor]) -> None:
+        """A side table of `capacity` slots holding `live` (see `_live_finals`; empty when none were kept)."""
+        numbers = torch.arange(self.oldest_final, self.final_count, device=self.device)
+        self.finals = {name: torch.zeros((capacity, *shape), dtype=dtype, device=self.device)
+                       for name, (shape, dtype) in self.next_fields.items()}
+        for name, values in live.items():
+            self.finals[name][numbers % capacity] = values.to(self.device, self.finals[name].dtype)
 
     def _gather(self, index: Tensor) -> dict[str, Tensor]:
         """The rows at storage positions `index` (any shape), next fields included."""
@@ -248,11 +254,10 @@ class ReplayBuffer:
             state["data"] = {name: rows(t) for name, t in self.data.items()}
             if self.successors:
                 numbers = self.final_seq[: self.size]
-                first = int(numbers[numbers >= 0].min()) if bool((numbers >= 0).any()) else self.final_count
-                live = torch.arange(first, self.final_count, device=self.device)
+                self.oldest_final = int(numbers[numbers >= 0].min()) if bool((numbers >= 0).any()) else self.final_count
                 state["successors"] = {
-                    "final_seq": numbers.to("cpu", copy=True), "final_count": self.final_count, "first_final": first,
-                    "finals": {name: t[live % self.final_capacity].cpu() for name, t in self.finals.items()},
+                    "final_seq": numbers.to("cpu", copy=True), "final_count": self.final_count,
+                    "first_final": self.oldest_final, "finals": {k: v.cpu() for k, v in self._live_finals().items()},
                     "head": {name: t.to("cpu", copy=True) for name, t in self.head.items()}}
         return state
 
@@ -275,8 +280,7 @@ class ReplayBuffer:
         if "successors" in state:
             kept = state["successors"]
             self.final_seq[: self.size] = kept["final_seq"].to(self.device)
-            self.final_count = self.oldest_final = kept["final_count"]
-            self.oldest_final = kept["first_final"]
+            self.final_count, self.oldest_final = kept["final_count"], kept["first_final"]
             heads = kept["head"]
             finals = kept["finals"]
         else:  # saved with every next field in every row (before successors): keep the episode ends' and the newest
@@ -289,14 +293,8 @@ class ReplayBuffer:
             finals = {name: saved[name][order[ends]] for name in self.successors}
         for name, head in self.head.items():
             head.copy_(heads[name])
-        count = self.final_count - self.oldest_final
-        if count:
-            capacity = max(count, 4 * self.streams)
-            self.finals = {name: torch.zeros((capacity, *shape), dtype=dtype, device=self.device)
-                           for name, (shape, dtype) in self.next_fields.items()}
-            live = torch.arange(self.oldest_final, self.final_count, device=self.device)
-            for name, table in self.finals.items():
-                table[live % capacity] = finals[name].to(self.device, table.dtype)
+        if self.final_count > self.oldest_final:
+            self._set_finals(max(self.final_count - self.oldest_final, 4 * self.streams), finals)
 
 
 def available_memory(device: torch.device) -> int | None:
