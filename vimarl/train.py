@@ -148,14 +148,21 @@ def replay_codec(algo: Algorithm, env: BatchedEnv, step: TimeStep) -> Transition
                            static_graphs(algo.groups, step))
 
 
+def make_replay(algo: Algorithm, env: BatchedEnv, step: TimeStep, capacity: int,
+                seed: int) -> tuple[TransitionCodec, ReplayBuffer]:
+    """The codec (`replay_codec`) and a buffer of `capacity` rows that stores each of `env`'s
+    vectorised steps once (s' from the next row of the same sub-environment)."""
+    codec = replay_codec(algo, env, step)
+    return codec, ReplayBuffer(capacity, codec.fields(), env.device, seed, successors=codec.successors(),
+                               streams=env.num_envs)
+
+
 def fill_replay(env: BatchedEnv, algo: Algorithm, steps: int, capacity: int | None = None,
                 seed: int = 0) -> tuple[TransitionCodec, ReplayBuffer]:
     """A replay buffer filled by `steps` vectorised steps of `algo` exploring in `env` (for
     tests, benchmarks and offline experiments; the Trainer collects the same way)."""
     step = env.reset(seed=seed)
-    codec = replay_codec(algo, env, step)
-    buffer = ReplayBuffer(capacity or steps * env.num_envs, codec.fields(), env.device, seed,
-                          successors=codec.successors(), streams=env.num_envs)
+    codec, buffer = make_replay(algo, env, step, capacity or steps * env.num_envs, seed)
     for _ in range(steps):
         actions = act(algo, step, explore=True)
         next_step = env.step(actions)
@@ -198,12 +205,10 @@ class Trainer:
         self.eval_env = make_env(run.env, self.config.eval_episodes, eval_seed(0), device, config=run.env_config)
         self.algo = make_algo(run.algo, self.env, config=run.algo_config, device=device)
         self.step = self.env.reset(seed=self.config.seed)
-        self.codec = replay_codec(self.algo, self.env, self.step)
         self.sampler = self.algo.sampler
         self.on_policy = self.sampler.kind == "rollout"  # the buffer then holds exactly one rollout
         capacity = self.sampler.length * self.config.num_envs if self.on_policy else self.config.buffer_size
-        self.buffer = ReplayBuffer(capacity, self.codec.fields(), device, self.config.seed,
-                                   successors=self.codec.successors(), streams=self.config.num_envs)
+        self.codec, self.buffer = make_replay(self.algo, self.env, self.step, capacity, self.config.seed)
         self.random_actions = torch.Generator(device=device)
         self.random_actions.manual_seed(self.config.seed + 1)
         self.env_steps = self.updates = 0
