@@ -98,3 +98,28 @@ def assert_same_state(first: torch.nn.Module, second: torch.nn.Module) -> None:
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+def collect_batch(env: BatchedEnv, algo, steps: int = 3) -> Transition:
+    """A small batch of `steps` exploring vectorised steps of `algo`, through the buffer codec."""
+    from vimarl.buffer import TransitionCodec
+    from vimarl.train import act
+
+    codec = TransitionCodec(algo.groups, env.state_dim)
+    step, rows = env.reset(seed=0), []
+    for _ in range(steps):
+        action = act(algo, step, explore=True)
+        next_step = env.step(action)
+        rows.append(codec.encode(step, action, next_step))
+        step = next_step
+    return codec.decode({key: torch.cat([r[key] for r in rows]) for key in rows[0]})
+
+
+def set_constant(agent_mlp, values):
+    """An AgentMLP (own weights per agent) whose output for agent i is values[i]."""
+    layers = [m for m in agent_mlp.net if hasattr(m, "weight")]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        layers[-1].bias[:, 0] = torch.tensor(values)

@@ -62,8 +62,8 @@ def test_update_changes_parameters_and_reports_finite_metrics(algo_name, env_nam
     assert metrics and all(torch.isfinite(v) and v.dim() == 0 for v in metrics.values())
     changed = [k for k, v in algo.state_dict().items()
                if isinstance(v, torch.Tensor) and not torch.equal(v, before[k])]
-    # The policy and a critic (Q, or MA-PPO's V) both learned.
-    assert any("policy." in k for k in changed) and any("critic" in k for k in changed)
+    # The policy (or, in one network with two heads as NeurComm's, its actor) and a critic (Q, or a V) both learned.
+    assert any("policy." in k or ".actor." in k for k in changed) and any("critic" in k for k in changed)
 
 
 @pytest.mark.parametrize("algo_name", sorted(ALGORITHMS))
@@ -75,9 +75,12 @@ def test_state_dict_carries_optimiser_state_for_exact_continuation(algo_name):
         first.update(batch)
     second = vimarl.make_algo(algo_name, env)
     second.load_state_dict(first.state_dict())
-    moments = [optimizer.state_dict()["state"] for module in second.modules() if isinstance(module, Algorithm)
-               for optimizer in module.optimizers.values()]
-    assert moments and all(moments), "Adam moments were not restored"
+    def moments(algo):
+        return [optimizer.state_dict()["state"] for module in algo.modules() if isinstance(module, Algorithm)
+                for optimizer in module.optimizers.values()]
+    # Every optimiser's state comes back (plain SGD, as LOLA's policy steps, has none to carry).
+    assert any(moments(second)), "Adam moments were not restored"
+    assert [state.keys() for state in moments(second)] == [state.keys() for state in moments(first)]
     torch.manual_seed(1)
     first.update(batch)
     torch.manual_seed(1)

@@ -73,6 +73,18 @@ def test_a_scale_can_run_a_subset_of_the_envs(tmp_path):
         expand(experiment, "cpu", tmp_path)
 
 
+def test_an_arm_can_set_overrides_per_scale(tmp_path):
+    experiment = load_experiment(TINY)
+    experiment["algorithms"]["isac"] = {"overrides": {"algo.lr": 0.002}, "scales": {"cpu": {"overrides": {"algo.lr": 0.001}}}}
+    lr = {scale: {c.label: next((a for a in c.args if a.startswith("algo.lr=")), None)
+                  for c in expand(experiment, scale, tmp_path)} for scale in ("cpu", "paper")}
+    assert lr["cpu"]["isac"] == "algo.lr=0.001" and lr["paper"]["isac"] == "algo.lr=0.002"
+    assert lr["cpu"]["vpp"] is None  # the other arm is untouched
+    experiment["algorithms"]["isac"]["scales"] = {"cpu": [1]}
+    with pytest.raises(VimarlError, match="arm isac: scales.cpu must be a mapping"):
+        expand(experiment, "cpu", tmp_path)
+
+
 def test_per_env_algorithm_overrides_and_env_restrictions():
     experiment = load_experiment("vm3ac_fig3")
     fig3 = expand(experiment, "cpu", "out")

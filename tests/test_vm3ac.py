@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from helpers import collect_batch, set_constant
 
 import vimarl
 from vimarl.algos.vm3ac import MAAC, VM3AC, VM3ACConfig
-from vimarl.buffer import TransitionCodec
 from vimarl.config import resolve
 from vimarl.envs.base import Box, GroupSpec
 from vimarl.train import act
@@ -204,20 +204,8 @@ def test_ma_ac_is_vm3ac_without_beta_or_latent():
     assert algo.variational is None
     first_layer = algo.policy["predators"].net.net[0]
     assert first_layer.weight.shape[1] == env.groups["predators"].obs_dim  # no z in the policy input
-    batch = collect(env, algo)
+    batch = collect_batch(env, algo)
     assert torch.isfinite(torch.stack(list(algo.update(batch).values()))).all()
-
-
-def collect(env, algo, steps: int = 3):
-    """A small batch of exploring transitions through the buffer codec."""
-    codec = TransitionCodec(algo.groups, env.state_dim)
-    step, rows = env.reset(seed=0), []
-    for _ in range(steps):
-        action = act(algo, step, explore=True)
-        next_step = env.step(action)
-        rows.append(codec.encode(step, action, next_step))
-        step = next_step
-    return codec.decode({key: torch.cat([r[key] for r in rows]) for key in rows[0]})
 
 
 @pytest.mark.parametrize("env_name", ["pp_capture_n2", "treasure_n4"])
@@ -225,7 +213,7 @@ def test_one_update_moves_every_network_with_finite_losses(env_name):
     torch.manual_seed(0)
     env = vimarl.make_env(env_name, 2)
     algo = vimarl.make_algo("vm3ac", env)
-    batch = collect(env, algo)
+    batch = collect_batch(env, algo)
     groups = {"policy": algo.policy, "q": algo.critics.q, "v": algo.v, "q_xi": algo.variational,
               "target_v": algo.target_v}
     before = {name: [p.detach().clone() for p in module.parameters()] for name, module in groups.items()}
@@ -241,16 +229,6 @@ def test_groups_with_different_action_sizes_are_refused():
     groups = {"a": GroupSpec(2, 3, Box(-1.0, 1.0, 2)), "b": GroupSpec(2, 3, Box(-1.0, 1.0, 3))}
     with pytest.raises(vimarl.errors.VimarlError, match="one action size"):
         VM3AC.check_env("toy", groups, 0)
-
-
-def set_constant(agent_mlp, values):
-    """An AgentMLP (own weights per agent) whose output for agent i is values[i]."""
-    layers = [m for m in agent_mlp.net if hasattr(m, "weight")]
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.zero_()
-            layer.bias.zero_()
-        layers[-1].bias[:, 0] = torch.tensor(values)
 
 
 def test_value_and_q_targets_follow_eq_46_and_48():

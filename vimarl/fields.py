@@ -163,12 +163,14 @@ MAX_SIZE = 2**16
 
 _SIZE_WORDS = ("dim", "hidden", "embed", "heads", "rounds", "layers", "size", "batch", "units", "samples",
                "epochs", "minibatches", "rollout_length", "sequence_length", "burn_in", "graph_k", "workers",
-               "threads", "envs", "episodes", "keep_checkpoints", "max_agents", "lanes", "rows", "cols")
+               "threads", "envs", "episodes", "keep_checkpoints", "max_agents", "lanes", "rows", "cols",
+               "gradient_steps", "critic_steps")
 
 
 def is_size(name: str) -> bool:
     """A field that sizes memory or work: widths (*dim*, *hidden*, *embed*, *units*), counts of layers,
-    heads, rounds, epochs, minibatches, samples, episodes, environments, workers, threads and of agents
+    heads, rounds, epochs, minibatches, samples, gradient steps per update, episodes, environments,
+    workers, threads and of agents
     or entities (`n`, `n_*`, `num_*`, rows, cols, lanes, graph_k), and batch, buffer and sequence sizes."""
     return name == "n" or name.startswith(("n_", "num_")) or any(word in name for word in _SIZE_WORDS)
 

@@ -256,11 +256,14 @@ def budget_lines(experiment: dict, cells: list[dict[str, Any]]) -> list[str]:
 
 # -- configurations ---------------------------------------------------------------------------
 def _shown_algo_field(name: str) -> bool:
-    """Learning rates, discount, target rate, widths, exploration, entropy weights (alpha, VM3-AC's
-    beta) and latents, gradient clipping, reward scaling, critic design and the discrete policy gradient."""
-    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "beta", "latent_dim", "temperature", "exploration",
-                     "discrete_gradient", "normalize_rewards")
-            or name.endswith("_lr") or name.startswith(("epsilon_", "reward_", "critic_"))
+    """Learning rates, discount, target rate, widths, exploration, entropy and other bonus weights
+    (alpha, VM3-AC's beta, MAVEN's MI, SI-MOA's influence, LOLA's eta, NeurComm's spatial discount)
+    and latents, gradient clipping, reward scaling, critic design, the discrete policy gradient and
+    an on-policy learner's rollout length (its update ratio)."""
+    return (name in ("lr", "gamma", "tau", "alpha", "auto_alpha", "beta", "eta", "latent_dim", "noise_dim",
+                     "temperature", "exploration", "discrete_gradient", "normalize_rewards", "rollout_length",
+                     "spatial_discount")
+            or name.endswith(("_lr", "_weight", "_coef")) or name.startswith(("epsilon_", "reward_", "critic_"))
             or any(part in name for part in ("hidden", "units", "embed", "clip", "grad_norm", "delay")))
 
 

@@ -22,6 +22,7 @@ An experiment file (every key but `envs` and `algorithms` is optional)::
               algorithms: {algo_label: {algo: ..., preset: ..., overrides: {...}}}}
     algorithms:
       label: {algo: NAME, preset: FILE_OR_NAME or {scale: FILE_OR_NAME}, overrides: {...}, envs: [env labels],
+              scales: {cpu: {overrides: {...}}},
               shared: false}             # shared: false = this arm keeps its own paper's values
     shared: {lr: 0.01, gamma: 0.95}      # hyperparameters every arm gets (a paper's one table for all)
     schedules:                           # schedules set relative to each cell's budget
@@ -32,7 +33,7 @@ An experiment file (every key but `envs` and `algorithms` is optional)::
 
 Overrides are `vimarl train` key=value pairs (algo.<field>, env.<field>, trainer fields); later
 layers win: experiment train, scale train, env overrides, env scale overrides, algorithm
-overrides, the env's per-algorithm overrides.
+overrides, algorithm scale overrides, the env's per-algorithm overrides.
 
 Fair arms (DESIGN §9.1) by construction: `shared` (top level, or per scale) states once what a
 comparison's arms share. Every arm gets each field as algo.<field>, every member of a `team` arm
@@ -214,7 +215,9 @@ def expand(experiment: dict, scale: str = "cpu", out: str | Path = "runs/sweep",
             overrides: dict[str, Any] = dict(QUIET)
             for layer in (experiment.get("train"), scale_spec.get("train"), env_spec.get("overrides"),
                           _scale_section(env_spec, scale, f"{name} env {env_label}").get("overrides"),
-                          algo_spec.get("overrides"), per_env.get("overrides")):
+                          algo_spec.get("overrides"),
+                          _scale_section(algo_spec, scale, f"{name} arm {label}").get("overrides"),
+                          per_env.get("overrides")):
                 overrides.update(layer or {})
             algo = per_env.get("algo", algo_spec.get("algo", label))
             env = env_spec.get("env", env_label)

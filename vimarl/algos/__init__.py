@@ -4,8 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from vimarl.algos import dgn, ip, iql, isac, maac, maddpg, mamd, mamt, mappo, masac, mfq, pic, qmix, team, vdn, vm3ac, vpp  # noqa: F401  (registers the algorithms)
-from vimarl.algos.base import ALGORITHMS, Algorithm, Capabilities, get_algorithm, register
+from vimarl.algos import (  # noqa: F401  (registers the algorithms)
+    coma,
+    dgn,
+    ip,
+    iql,
+    isac,
+    lola,
+    maac,
+    maddpg,
+    mamd,
+    mamt,
+    mappo,
+    masac,
+    maven,
+    mfq,
+    neurcomm,
+    pic,
+    qmix,
+    si_moa,
+    team,
+    vdn,
+    vm3ac,
+    vpp,
+)
+from vimarl.algos.base import (
+    ALGORITHMS,
+    Algorithm,
+    Capabilities,
+    get_algorithm,
+    register,
+)
 from vimarl.envs.base import BatchedEnv
 from vimarl.fields import config_for
 

@@ -128,14 +128,19 @@ class MAPPO(Algorithm):
             advantages[t] = carry
         return advantages.view(-1, self.n_agents)
 
+    @torch.no_grad()
+    def advantages_and_returns(self, batch: Transition) -> tuple[Tensor, Tensor]:
+        """GAE advantages of the rollout and the critics' targets (advantages + V): [T B, N] each."""
+        values = self.values(batch.obs)
+        advantages = self.advantages(batch, values, self.values(batch.next_obs))
+        return advantages, advantages + values
+
     # --- the update ----------------------------------------------------------------------------
 
     def update(self, batch: Transition) -> dict[str, Tensor]:
         config = self.config
+        advantages, returns = self.advantages_and_returns(batch)
         with torch.no_grad():
-            values, next_values = self.values(batch.obs), self.values(batch.next_obs)
-            advantages = self.advantages(batch, values, next_values)
-            returns = advantages + values
             old_log_probs, _ = self.log_probs_and_entropy(batch)
         present = batch.joint_alive(self.groups)
         rows = advantages.shape[0]
