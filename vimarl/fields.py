@@ -170,8 +170,8 @@ _SIZE_WORDS = ("dim", "hidden", "embed", "heads", "rounds", "layers", "size", "b
 def is_size(name: str) -> bool:
     """A field that sizes memory or work: widths (*dim*, *hidden*, *embed*, *units*), counts of layers,
     heads, rounds, epochs, minibatches, samples, gradient steps per update, episodes, environments,
-    workers, threads and of agents
-    or entities (`n`, `n_*`, `num_*`, rows, cols, lanes, graph_k), and batch, buffer and sequence sizes."""
+    workers, threads and of agents or entities (`n`, `n_*`, `num_*`, rows, cols, lanes, graph_k), and
+    batch, buffer and sequence sizes."""
     return name == "n" or name.startswith(("n_", "num_")) or any(word in name for word in _SIZE_WORDS)
 
 
